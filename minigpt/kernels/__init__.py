@@ -1,0 +1,36 @@
+"""minigpt.kernels -- fused LLM ops with C++ (CPU) and Triton (GPU) backends.
+
+Every op is one function with an eager float32 reference
+(:mod:`minigpt.kernels.reference`) that defines it, and fast backends chosen by
+device (see :mod:`minigpt.kernels._backend`). Import them into any model::
+
+    from minigpt.kernels import rms_norm
+    y = rms_norm(x, weight, eps=1e-6)
+
+``minigpt.kernels.info()`` prints which backend each op uses here.
+"""
+
+from minigpt.kernels._backend import (
+    BACKENDS,
+    cpp_available,
+    cpu_isa,
+    force_cpu_isa,
+    info,
+    registered_ops,
+    select_backend,
+    triton_available,
+)
+from minigpt.kernels.rms_norm import add_rms_norm, rms_norm
+
+__all__ = [
+    "BACKENDS",
+    "add_rms_norm",
+    "cpp_available",
+    "cpu_isa",
+    "force_cpu_isa",
+    "info",
+    "registered_ops",
+    "rms_norm",
+    "select_backend",
+    "triton_available",
+]

@@ -1,0 +1,11 @@
+"""Eager float32 references: the specification of every op in :mod:`minigpt.kernels`.
+
+Each reference is written for clarity, computes in float32 whatever the input
+dtype, and returns results in the input dtype. The tests compare every fast
+kernel (C++ and Triton, forward and backward) against these functions, and the
+``torch`` backend simply calls them (autograd provides their gradients).
+"""
+
+from minigpt.kernels.reference.norm import add_rms_norm_reference, rms_norm_reference
+
+__all__ = ["rms_norm_reference", "add_rms_norm_reference"]
