@@ -39,9 +39,15 @@ def _extensions() -> tuple[list, dict]:
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     is_x86 = platform.machine().lower() in ("x86_64", "amd64")
 
-    cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-fno-math-errno",
-                 # GCC 12 false positive on the _mm512_undefined_* idiom in its own headers
-                 "-Wno-maybe-uninitialized"]
+    cxx_flags = [
+        "-O3",
+        "-fopenmp",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-fno-math-errno",
+        # GCC 12 false positive on the _mm512_undefined_* idiom in its own headers
+        "-Wno-maybe-uninitialized",
+    ]
     if not is_x86:
         cxx_flags.append("-DMINIGPT_NO_X86_SIMD")
     include_dirs = [os.path.join(ROOT, "csrc")]

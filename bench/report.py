@@ -1,7 +1,7 @@
 """Turn a pytest-benchmark JSON file into a markdown table of speedups.
 
-    pytest bench/ --benchmark-only --benchmark-json out.json
-    python bench/report.py out.json
+pytest bench/ --benchmark-only --benchmark-json out.json
+python bench/report.py out.json
 """
 
 from __future__ import annotations

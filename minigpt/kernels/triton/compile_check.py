@@ -45,8 +45,9 @@ def compile_spec(spec: dict[str, Any], arch: int) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"])
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options=spec.get("options"))
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", arch, 32), options=spec.get("options")
+        )
         ptx = compiled.asm["ptx"]
         result.update(
             ok=True,

@@ -20,9 +20,16 @@ MAX_N = 65536  # one row must fit in a program's registers/shared memory
 
 @triton.jit
 def _rms_norm_fwd_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr,
-    n, eps,
-    HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    y_ptr,
+    h_ptr,
+    rstd_ptr,
+    n,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -41,9 +48,18 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, h_ptr, w_ptr, rstd_ptr, extra_ptr, dh_ptr, dw_partial_ptr,
-    rows, n, rows_per_program,
-    HAS_EXTRA: tl.constexpr, BLOCK_N: tl.constexpr,
+    dy_ptr,
+    h_ptr,
+    w_ptr,
+    rstd_ptr,
+    extra_ptr,
+    dh_ptr,
+    dw_partial_ptr,
+    rows,
+    n,
+    rows_per_program,
+    HAS_EXTRA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -86,8 +102,16 @@ def rms_norm_fwd(
         return y, h, rstd
     block = _block(n)
     _rms_norm_fwd_kernel[(rows,)](
-        x, residual if residual is not None else x, weight, y, h if residual is not None else y,
-        rstd, n, eps, HAS_RES=residual is not None, BLOCK_N=block,
+        x,
+        residual if residual is not None else x,
+        weight,
+        y,
+        h if residual is not None else y,
+        rstd,
+        n,
+        eps,
+        HAS_RES=residual is not None,
+        BLOCK_N=block,
         num_warps=min(max(block // 256, 1), 16),
     )
     return y, h, rstd
@@ -114,8 +138,18 @@ def rms_norm_bwd(
     programs = triton.cdiv(rows, per_program)
     partial = torch.empty(programs, n, device=h.device, dtype=torch.float32)
     _rms_norm_bwd_kernel[(programs,)](
-        dy, h, weight, rstd, dh_extra if dh_extra is not None else dy, dh, partial,
-        rows, n, per_program, HAS_EXTRA=dh_extra is not None, BLOCK_N=block,
+        dy,
+        h,
+        weight,
+        rstd,
+        dh_extra if dh_extra is not None else dy,
+        dh,
+        partial,
+        rows,
+        n,
+        per_program,
+        HAS_EXTRA=dh_extra is not None,
+        BLOCK_N=block,
         num_warps=min(max(block // 256, 1), 16),
     )
     return dh, partial.sum(0).to(weight.dtype)
@@ -127,9 +161,16 @@ COMPILE_SPECS = [
         "name": f"rms_norm_fwd[{dt}, res={res}]",
         "fn": _rms_norm_fwd_kernel,
         "signature": {
-            "x_ptr": f"*{dt}", "res_ptr": f"*{dt}", "w_ptr": f"*{dt}", "y_ptr": f"*{dt}",
-            "h_ptr": f"*{dt}", "rstd_ptr": "*fp32", "n": "i32", "eps": "fp32",
-            "HAS_RES": "constexpr", "BLOCK_N": "constexpr",
+            "x_ptr": f"*{dt}",
+            "res_ptr": f"*{dt}",
+            "w_ptr": f"*{dt}",
+            "y_ptr": f"*{dt}",
+            "h_ptr": f"*{dt}",
+            "rstd_ptr": "*fp32",
+            "n": "i32",
+            "eps": "fp32",
+            "HAS_RES": "constexpr",
+            "BLOCK_N": "constexpr",
         },
         "constexprs": {"HAS_RES": res, "BLOCK_N": 1024},
     }
@@ -140,10 +181,18 @@ COMPILE_SPECS = [
         "name": f"rms_norm_bwd[{dt}]",
         "fn": _rms_norm_bwd_kernel,
         "signature": {
-            "dy_ptr": f"*{dt}", "h_ptr": f"*{dt}", "w_ptr": "*fp32", "rstd_ptr": "*fp32",
-            "extra_ptr": f"*{dt}", "dh_ptr": f"*{dt}", "dw_partial_ptr": "*fp32",
-            "rows": "i32", "n": "i32", "rows_per_program": "i32",
-            "HAS_EXTRA": "constexpr", "BLOCK_N": "constexpr",
+            "dy_ptr": f"*{dt}",
+            "h_ptr": f"*{dt}",
+            "w_ptr": "*fp32",
+            "rstd_ptr": "*fp32",
+            "extra_ptr": f"*{dt}",
+            "dh_ptr": f"*{dt}",
+            "dw_partial_ptr": "*fp32",
+            "rows": "i32",
+            "n": "i32",
+            "rows_per_program": "i32",
+            "HAS_EXTRA": "constexpr",
+            "BLOCK_N": "constexpr",
         },
         "constexprs": {"HAS_EXTRA": True, "BLOCK_N": 1024},
     }
