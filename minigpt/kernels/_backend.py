@@ -155,9 +155,10 @@ def info(print_table: bool = True) -> dict[str, object]:
         for name, dev in (("cpu", cpu), ("cuda", cuda)):
             want = _requested(None) or default_backend(dev)
             why = _why_unusable(op, want, dev)
-            if dev.type == "cuda" and not torch.cuda.is_available():
-                why = why or "no CUDA device"
-            row[name] = want if why is None else f"torch (fallback: {why})"
+            if why is None and dev.type == "cuda" and not torch.cuda.is_available():
+                row[name] = f"{want} (no CUDA device here)"
+            else:
+                row[name] = want if why is None else f"torch (fallback: {why})"
         ops[op] = row
     report: dict[str, object] = {
         "cpp": cpp_available(),
