@@ -140,3 +140,37 @@ def test_torch_compile_traces_cpp_op():
     f = torch.compile(lambda x: rms_norm(x, w, backend="cpp"), fullgraph=True)
     x = random_tensor((10, 96))
     torch.testing.assert_close(f(x), rms_norm_reference(x, w))
+
+
+# ---- property test: random shapes and dtypes, valid or not ------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_DT = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int32])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.lists(st.integers(0, 9), min_size=0, max_size=4),
+    wlen=st.integers(0, 10),
+    xdt=_DT,
+    wdt=_DT,
+    eps=st.sampled_from([1e-6, 0.0, -1.0, 1e-2]),
+    residual=st.booleans(),
+)
+def test_property_matches_reference_or_raises(shape, wlen, xdt, wdt, eps, residual):
+    x = torch.randn(shape).to(xdt)
+    w = torch.randn(wlen).to(wdt)
+    try:
+        if residual:
+            out = add_rms_norm(x, torch.randn(shape).to(xdt), w, eps, backend="cpp")[0]
+        else:
+            out = rms_norm(x, w, eps, backend="cpp")
+    except (ValueError, TypeError):
+        return
+    ok_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    assert xdt in ok_dtypes and wdt in ok_dtypes and eps > 0 and len(shape) >= 1
+    assert shape[-1] == wlen and wlen > 0
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.isfinite(out.float()).all()

@@ -194,7 +194,7 @@ def force_cpu_isa(name: str) -> Iterator[None]:
     """Run the C++ kernels with a lower instruction set inside a ``with`` block.
 
     Used by the tests to check the AVX2 and scalar paths on an AVX-512 machine;
-    asking for more than the CPU has raises ``RuntimeError``.
+    asking for more than the CPU has (or an unknown name) raises ``ValueError``.
     """
     previous = cpu_isa()
     torch.ops.minigpt.set_cpu_isa(name)
