@@ -15,6 +15,8 @@ import sys
 # command -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("minigpt.kernels.cli", "show which kernel backend each op uses here"),
+    "tokenizer": ("minigpt.tokenizer.cli", "train a BPE tokenizer; encode/decode text"),
+    "data": ("minigpt.data.cli", "prepare token shards from a corpus source"),
 }
 
 
