@@ -1,0 +1,177 @@
+"""Generation engine: greedy == step-by-step argmax without a cache, sampling filters,
+penalties, stops, streaming, context limits and beam search (against brute force)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from minigpt.infer import GenerationConfig, filter_logits, generate, repetition_penalty, sample
+from minigpt.infer.sampling import sample as fallback_sample
+from minigpt.model import GPT, GPTConfig
+
+
+def tiny_model(vocab: int = 40, ctx: int = 32, init_std: float = 0.3) -> GPT:
+    torch.manual_seed(7)
+    cfg = GPTConfig(
+        vocab_size=vocab,
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        d_model=32,
+        max_seq_len=ctx,
+        init_std=init_std,
+    )
+    return GPT(cfg).eval()
+
+
+class LetterTokenizer:
+    """Token i <-> letter chr(97 + i): enough to test stop strings and text."""
+
+    def decode(self, ids):
+        return "".join(chr(97 + i) for i in ids)
+
+
+@torch.no_grad()
+def greedy_without_cache(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def test_greedy_batch_matches_uncached_argmax():
+    model = tiny_model()
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4]]
+    outs = generate(model, prompts, temperature=0, max_new_tokens=8)
+    for prompt, out in zip(prompts, outs):
+        assert out.tokens == greedy_without_cache(model, prompt, 8)
+        assert out.finish_reason == "length"
+
+
+def test_seed_reproducible_and_top_k_1_is_greedy():
+    model = tiny_model()
+    kw = dict(temperature=1.5, max_new_tokens=10)
+    a = generate(model, [[1, 2]], seed=3, **kw)[0].tokens
+    assert a == generate(model, [[1, 2]], seed=3, **kw)[0].tokens
+    assert generate(model, [[1, 2]], top_k=1, seed=4, **kw)[0].tokens == greedy_without_cache(
+        model, [1, 2], 10
+    )
+
+
+def test_filters_keep_the_right_sets():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda x: torch.isfinite(x)[0].nonzero()[:, 0].tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.7)) == [0, 1]  # 0.5 + 0.2 reaches 0.7
+    assert kept(filter_logits(logits, top_p=0.71)) == [0, 1, 2]
+    assert kept(filter_logits(logits, min_p=0.3)) == [0, 1, 2]  # p >= 0.3 * 0.5
+    per_row = filter_logits(logits.expand(2, -1), top_k=torch.tensor([1, 3]))
+    assert torch.isfinite(per_row).sum(-1).tolist() == [1, 3]
+
+
+def test_sampling_frequencies_match_filtered_distribution():
+    logits = torch.randn(1, 9)
+    allowed = filter_logits(logits, temperature=0.7, top_k=6, top_p=0.9)
+    g = torch.Generator().manual_seed(0)
+    draws = fallback_sample(logits.expand(20000, -1), 0.7, 6, 0.9, 0.0, generator=g)
+    counts = torch.bincount(draws, minlength=9).float()
+    assert counts[~torch.isfinite(allowed[0])].sum() == 0  # never a masked token
+    freq = counts / counts.sum()
+    torch.testing.assert_close(freq, allowed.softmax(-1)[0], atol=0.015, rtol=0)
+    ids, lp, raw = fallback_sample(logits, 0.0, return_logprobs=True)
+    assert ids.item() == logits.argmax().item()
+    torch.testing.assert_close(raw, logits.log_softmax(-1)[0, ids])
+    with pytest.raises(ValueError, match="NaN"):
+        sample(torch.tensor([[0.0, float("nan")]]))
+
+
+def test_repetition_penalty_rule():
+    logits = torch.tensor([[2.0, -1.0, 3.0, 0.5]])
+    out = repetition_penalty(logits, torch.tensor([[0, 1, 1, -1]]), 2.0)
+    torch.testing.assert_close(out, torch.tensor([[1.0, -2.0, 3.0, 0.5]]))
+
+
+def test_stop_tokens_stop_strings_and_streaming():
+    model = tiny_model()
+    free = greedy_without_cache(model, [1, 2, 3], 6)
+    streamed = []
+    out = generate(
+        model,
+        [[1, 2, 3]],
+        temperature=0,
+        max_new_tokens=6,
+        stop_tokens=[free[2]],
+        stream=lambda row, tok: streamed.append((row, tok)),
+        tokenizer=LetterTokenizer(),
+    )[0]
+    cut = free.index(free[2]) + 1
+    assert out.tokens == free[:cut] and out.finish_reason == "stop"
+    assert streamed == [(0, t) for t in free[:cut]]
+    assert out.text == LetterTokenizer().decode(free[: cut - 1])
+    stop = LetterTokenizer().decode(free[1:3])
+    out = generate(
+        model,
+        [[1, 2, 3]],
+        temperature=0,
+        max_new_tokens=6,
+        stop_strings=[stop],
+        tokenizer=LetterTokenizer(),
+    )[0]
+    assert out.finish_reason == "stop" and out.tokens == free[:3]
+    assert out.text == LetterTokenizer().decode(free[:1])
+
+
+def test_context_limits():
+    model = tiny_model(ctx=16)
+    with pytest.raises(ValueError, match="context"):
+        generate(model, [list(range(16))], max_new_tokens=2)
+    out = generate(model, [list(range(20))], truncate="left", temperature=0, max_new_tokens=4)
+    assert out[0].tokens == greedy_without_cache(model, list(range(5, 20)), 1)
+    assert out[0].finish_reason == "context"
+    outs = generate(model, [list(range(12)), [1]], temperature=0, max_new_tokens=6)
+    assert len(outs[0].tokens) == 4 and outs[0].finish_reason == "context"
+    assert outs[1].tokens == greedy_without_cache(model, [1], 6)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[]])
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0)
+
+
+def test_beam_search_finds_the_best_sequence():
+    model = tiny_model(vocab=5, init_std=0.6)
+    prompt = [1, 2, 3]
+    best = None
+    with torch.no_grad():
+        for tail in itertools.product(range(5), repeat=3):
+            lp = model(torch.tensor([prompt + list(tail)])).log_softmax(-1)[0]
+            score = sum(lp[2 + i, t].item() for i, t in enumerate(tail))
+            best = max(best or (score, tail), (score, tail))
+    # 25 beams = every 2-token prefix, so beam search is exact here
+    out = generate(model, [prompt], num_beams=25, max_new_tokens=3)[0]
+    assert tuple(out.tokens) == best[1]
+    assert out.score == pytest.approx(best[0] / 3, abs=1e-5)
+    # one beam is greedy
+    greedy = greedy_without_cache(model, prompt, 3)
+    assert generate(model, [prompt], num_beams=1, temperature=0, max_new_tokens=3)[0].tokens == (
+        greedy
+    )
+
+
+def test_beam_search_stop_tokens_and_early_stopping():
+    model = tiny_model(vocab=6, init_std=0.6)
+    for early in (True, False):
+        out = generate(
+            model,
+            [[1, 2]],
+            num_beams=3,
+            max_new_tokens=8,
+            stop_tokens=[0, 1],
+            early_stopping=early,
+        )[0]
+        assert out.tokens and out.score is not None
+        assert all(t not in (0, 1) for t in out.tokens[:-1])
+        if out.finish_reason == "stop":
+            assert out.tokens[-1] in (0, 1)
