@@ -21,6 +21,8 @@ from minigpt.kernels._backend import (
     triton_available,
 )
 from minigpt.kernels.rms_norm import add_rms_norm, rms_norm
+from minigpt.kernels.rope import rope, rope_cos_sin, rope_with_positions
+from minigpt.kernels.swiglu import swiglu
 
 __all__ = [
     "BACKENDS",
@@ -31,6 +33,10 @@ __all__ = [
     "info",
     "registered_ops",
     "rms_norm",
+    "rope",
+    "rope_cos_sin",
+    "rope_with_positions",
     "select_backend",
+    "swiglu",
     "triton_available",
 ]

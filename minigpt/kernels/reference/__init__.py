@@ -7,5 +7,8 @@ kernel (C++ and Triton, forward and backward) against these functions, and the
 """
 
 from minigpt.kernels.reference.norm import add_rms_norm_reference, rms_norm_reference
+from minigpt.kernels.reference.rope import rope_cos_sin, rope_reference, rotate_half
+from minigpt.kernels.reference.swiglu import swiglu_reference
 
 __all__ = ["rms_norm_reference", "add_rms_norm_reference"]
+__all__ += ["rope_cos_sin", "rope_reference", "rotate_half", "swiglu_reference"]
