@@ -20,6 +20,7 @@ from minigpt.kernels._backend import (
     select_backend,
     triton_available,
 )
+from minigpt.kernels.attention import attention, attention_varlen, attention_with_kv_cache
 from minigpt.kernels.rms_norm import add_rms_norm, rms_norm
 from minigpt.kernels.rope import rope, rope_cos_sin, rope_with_positions
 from minigpt.kernels.swiglu import swiglu
@@ -27,6 +28,9 @@ from minigpt.kernels.swiglu import swiglu
 __all__ = [
     "BACKENDS",
     "add_rms_norm",
+    "attention",
+    "attention_varlen",
+    "attention_with_kv_cache",
     "cpp_available",
     "cpu_isa",
     "force_cpu_isa",

@@ -22,19 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minigpt.kernels import rope_cos_sin, swiglu
 from minigpt.model.config import GPTConfig
 from minigpt.nn import RMSNorm
-from minigpt.nn.attention import CausalSelfAttention, rope_cos_sin
+from minigpt.nn.attention import CausalSelfAttention
 
 try:  # the fused op (lands with the foundation kernels); cross_entropy below until then
     from minigpt.kernels import linear_cross_entropy
 except ImportError:
     linear_cross_entropy = None
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up: the gated activation of Llama's MLP."""
-    return F.silu(gate) * up
 
 
 class LayerNorm(nn.LayerNorm):
@@ -198,7 +194,9 @@ class GPT(nn.Module):
         if self.pos_embed is not None:
             h = h + self.pos_embed(pos)
         else:
-            rope = rope_cos_sin(pos, self.config.head_dim, self.config.rope_theta)
+            # one (T, D/2) table when every row shares positions, else (B, T, D/2)
+            table_pos = pos[0] if pos.shape[0] == 1 else pos
+            rope = rope_cos_sin(table_pos, self.config.head_dim, self.config.rope_theta)
         h = self.drop(h)
         delta = None
         for i, block in enumerate(self.blocks):

@@ -1,10 +1,10 @@
 """Causal self-attention with rotary positions, grouped-query heads and a KV cache.
 
 Layout everywhere: (batch, seq, heads, head_dim) -- "BTHD" -- the layout of the
-fused kernels in :mod:`minigpt.kernels`. The three functional ops used here,
-``apply_rope``, ``attention`` and ``attention_with_kv_cache``, are written in
-plain torch below with the signatures of the fused kernels, so that moving to a
-kernel once it lands is a one-line change of the name bound in this file.
+fused kernels in :mod:`minigpt.kernels`. RoPE is the fused ``rope`` kernel;
+``attention`` and ``attention_with_kv_cache`` are written in plain torch below
+with the signatures of the fused attention kernels, so that moving to them is a
+one-line change of the names bound in this file.
 """
 
 from __future__ import annotations
@@ -13,46 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# ---- rotary position embedding (RoPE) ------------------------------------------------
-
-
-def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosines and sines of the rotation angles, shape ``positions.shape + (head_dim//2,)``.
-
-    Pair ``i`` of every head (dims ``i`` and ``i + head_dim/2``, the "rotate half"
-    convention of Llama in Hugging Face) turns by ``pos * theta**(-2i/head_dim)``:
-    fast-turning pairs see fine position detail, slow ones see coarse distance.
-    Computed in float32 (angles of large positions lose precision in bf16).
-    """
-    inv_freq = theta ** (
-        -torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    )
-    angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos(), angles.sin()
-
-
-def apply_rope_torch(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate queries and keys by their positions' angles (eager torch).
-
-    Args:
-        q: (B, T, H, D) queries; k: (B, T, Hkv, D) keys.
-        cos, sin: (B or 1, T, D/2) float32, from :func:`rope_cos_sin`.
-
-    Returns:
-        The rotated (q, k), same shapes and dtypes.
-    """
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        c, s = cos[:, :, None, :], sin[:, :, None, :]
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-    return rotate(q), rotate(k)
-
+from minigpt.kernels import rope
 
 # ---- attention -------------------------------------------------------------------------
 
@@ -128,7 +89,6 @@ def attention_with_kv_cache_torch(
 
 
 # The ops the module calls. Switching to a fused kernel is one line each.
-apply_rope = apply_rope_torch
 attention = attention_torch
 attention_with_kv_cache = attention_with_kv_cache_torch
 
@@ -165,12 +125,13 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attend over ``x`` (B, T, d_model) -> (B, T, d_model).
 
-        ``rope``: (cos, sin) of each token's position, or None (learned positions).
+        ``rope_tables``: (cos, sin) tables of the tokens' positions, (T, D/2) or (B, T, D/2)
+        float32 (see :func:`minigpt.kernels.rope_cos_sin`), or None (no RoPE).
         ``cache``: (k_cache, v_cache, seqlens) of this layer while decoding: the new
         keys/values are appended and the queries also attend to the cached past.
         """
@@ -178,8 +139,8 @@ class CausalSelfAttention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if rope is not None:
-            q, k = apply_rope(q, k, *rope)
+        if rope_tables is not None:
+            q, k = rope(q, k, *rope_tables)
         if cache is None:
             y = attention(q, k, v, causal=True)
         else:

@@ -6,9 +6,21 @@ kernel (C++ and Triton, forward and backward) against these functions, and the
 ``torch`` backend simply calls them (autograd provides their gradients).
 """
 
+from minigpt.kernels.reference.attention import (
+    attention_mask,
+    attention_reference,
+    attention_varlen_reference,
+    attention_with_kv_cache_reference,
+)
 from minigpt.kernels.reference.norm import add_rms_norm_reference, rms_norm_reference
 from minigpt.kernels.reference.rope import rope_cos_sin, rope_reference, rotate_half
 from minigpt.kernels.reference.swiglu import swiglu_reference
 
 __all__ = ["rms_norm_reference", "add_rms_norm_reference"]
 __all__ += ["rope_cos_sin", "rope_reference", "rotate_half", "swiglu_reference"]
+__all__ += [
+    "attention_mask",
+    "attention_reference",
+    "attention_varlen_reference",
+    "attention_with_kv_cache_reference",
+]
