@@ -1,0 +1,317 @@
+// csrc/cpu/attention.cpp -- flash attention on the CPU: forward, backward and decode.
+//
+// The math lives in attention_kernel.h; this file checks arguments, describes the
+// sequences, packs keys/values once per call, splits the work across threads and
+// picks the SIMD variant. Registered ops (all on flat (tokens, heads, head_dim)
+// tensors; a dense (B, T, H, D) batch is B sequences of T tokens):
+//
+//   attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal, window)
+//       -> (out, lse)                     out like q, lse (total_q, Hq) float32
+//   attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
+//                 window) -> (dq, dk, dv)
+//   attention_kvcache(q, k_cache!, v_cache!, cache_seqlens, k_new?, v_new?, scale,
+//                     causal) -> out      (B, Tq, Hq, D); appends k_new/v_new in place
+//
+// Parallel work units: forward (sequence, query head, 64-query block); backward
+// (sequence, kv head) so that the dK/dV of a key block, which sum over the heads of
+// a group, are written by one thread; decode (sequence, kv head) so the cache is
+// read once for all query heads that share it.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <immintrin.h>
+#include <vector>
+
+#include "cpu/attention.h"
+#include "cpu/common.h"
+#include "cpu/isa.h"
+
+#define MG_KERNEL_FILE "cpu/attention_kernel.h"
+#include "cpu/isa_expand.h"
+
+namespace minigpt::cpu {
+namespace {
+
+// Head dims are padded to a multiple of 16 floats: a whole number of vectors for
+// every ISA (16 / 8 / 1 lanes), so kernels never need a column tail.
+int64_t padded_head_dim(int64_t d) { return (d + 15) / 16 * 16; }
+
+// Sequence table from cumulative offsets: start and length of each sequence.
+struct SeqTable {
+  std::vector<int64_t> q_start, q_len, k_start, k_len;
+  int64_t max_q = 0, max_k = 0;
+  int64_t count() const { return int64_t(q_len.size()); }
+};
+
+SeqTable seqs_from_cu(const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t total_q,
+                      int64_t total_k, const char* op) {
+  TORCH_CHECK(cu_q.dim() == 1 && cu_k.dim() == 1 && cu_q.numel() == cu_k.numel() && cu_q.numel() >= 1,
+              op, ": cu_seqlens_q and cu_seqlens_k must be 1-D with the same length >= 1");
+  TORCH_CHECK(cu_q.device().is_cpu() && cu_k.device().is_cpu(), op, ": cu_seqlens must be on the CPU");
+  TORCH_CHECK(!at::isFloatingType(cu_q.scalar_type()) && !at::isFloatingType(cu_k.scalar_type()), op,
+              ": cu_seqlens must be integer tensors");
+  at::Tensor cq = cu_q.to(at::kLong).contiguous(), ck = cu_k.to(at::kLong).contiguous();
+  const int64_t* a = cq.data_ptr<int64_t>();
+  const int64_t* b = ck.data_ptr<int64_t>();
+  const int64_t n = cq.numel() - 1;
+  SeqTable t;
+  t.q_start.resize(n), t.q_len.resize(n), t.k_start.resize(n), t.k_len.resize(n);
+  TORCH_CHECK(a[0] == 0 && b[0] == 0, op, ": cu_seqlens must start at 0");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(a[i + 1] >= a[i] && b[i + 1] >= b[i], op, ": cu_seqlens must be non-decreasing");
+    t.q_start[i] = a[i], t.q_len[i] = a[i + 1] - a[i];
+    t.k_start[i] = b[i], t.k_len[i] = b[i + 1] - b[i];
+    t.max_q = std::max(t.max_q, t.q_len[i]);
+    t.max_k = std::max(t.max_k, t.k_len[i]);
+  }
+  TORCH_CHECK(a[n] <= total_q && b[n] <= total_k, op, ": cu_seqlens run past the end of q or k");
+  return t;
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const char* op) {
+  check_cpu_contiguous(q, "q");
+  check_cpu_contiguous(k, "k");
+  check_cpu_contiguous(v, "v");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op, ": q, k, v must be (tokens, heads, head_dim)");
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must have one dtype");
+  TORCH_CHECK(q.size(2) == k.size(2) && q.size(2) >= 1 && q.size(2) <= kAttnMaxHeadDim, op,
+              ": head_dim must match and be in 1..", kAttnMaxHeadDim);
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
+              ": query heads must be a multiple of key/value heads");
+}
+
+AttnShape make_shape(const at::Tensor& q, const at::Tensor& k, double scale, bool causal, int64_t window) {
+  AttnShape s;
+  s.hq = q.size(1);
+  s.hkv = k.size(1);
+  s.d = q.size(2);
+  s.dp = padded_head_dim(s.d);
+  s.scale = float(scale);
+  s.causal = causal;
+  s.window = window > 0 ? window : -1;
+  return s;
+}
+
+// Keys (and optionally values) of every kv head packed once per call:
+//   transposed  [hkv][dp][ld]      column = key token, ld = total_k + one block of zeros
+//   rows        [hkv][total_k][dp]
+template <typename T>
+void pack_keys(const at::Tensor& src, const AttnShape& sh, float* transposed, int64_t ld, float* rows) {
+  const int64_t total = src.size(0), dp = sh.dp, hkv = sh.hkv, d = sh.d;
+  const T* p = ptr<const T>(src);
+  constexpr int64_t chunk = 256;
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  auto pack_t = MG_ISA_CALL(attn_pack_transposed<T>);
+  auto pack_r = MG_ISA_CALL(attn_pack_rows<T>);
+  at::parallel_for(0, hkv * chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t h = task / chunks, j0 = (task % chunks) * chunk;
+      const int64_t n = std::min(chunk, total - j0);
+      const T* s = p + j0 * hkv * d + h * d;
+      if (transposed) pack_t(s, hkv * d, n, d, dp, transposed + h * dp * ld + j0, ld);
+      if (rows) pack_r(s, hkv * d, n, d, dp, 1.0f, rows + (h * total + j0) * dp);
+    }
+  });
+  if (transposed)
+    for (int64_t h = 0; h < hkv; ++h)
+      for (int64_t dd = 0; dd < dp; ++dd)
+        std::fill(transposed + (h * dp + dd) * ld + total, transposed + (h * dp + dd + 1) * ld, 0.0f);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v, const at::Tensor& cu_q,
+                                                 const at::Tensor& cu_k, double scale, bool causal,
+                                                 int64_t window) {
+  check_qkv(q, k, v, "attention_fwd");
+  const AttnShape sh = make_shape(q, k, scale, causal, window);
+  const SeqTable seqs = seqs_from_cu(cu_q, cu_k, q.size(0), k.size(0), "attention_fwd");
+  at::Tensor out = at::zeros_like(q);  // rows not covered by cu_seqlens stay 0
+  at::Tensor lse = at::empty({q.size(0), sh.hq}, q.options().dtype(at::kFloat));
+  lse.fill_(-INFINITY);
+  const int64_t total_k = k.size(0), dp = sh.dp, group = sh.hq / sh.hkv;
+  if (q.size(0) == 0 || seqs.count() == 0) return {out, lse};
+  const int64_t ld = total_k + kAttnBlockK;
+  std::vector<float> kt(size_t(sh.hkv * dp * ld)), vp(size_t(sh.hkv * total_k * dp));
+  // work units: (sequence, head, query block)
+  std::vector<int64_t> units;  // triples
+  for (int64_t b = 0; b < seqs.count(); ++b)
+    for (int64_t h = 0; h < sh.hq; ++h)
+      for (int64_t i0 = 0; i0 < seqs.q_len[b]; i0 += kAttnBlockQ) units.insert(units.end(), {b, h, i0});
+  const int64_t n_units = int64_t(units.size() / 3);
+  const int64_t qs = sh.hq * sh.d;
+  dispatch_float_types(q.scalar_type(), "attention_fwd", [&]<typename T>() {
+    pack_keys<T>(k, sh, kt.data(), ld, nullptr);
+    pack_keys<T>(v, sh, nullptr, 0, vp.data());
+    auto kernel = MG_ISA_CALL(attn_fwd_block<T>);
+    const T* qp = ptr<const T>(q);
+    T* op = ptr<T>(out);
+    float* lp = ptr<float>(lse);
+    at::parallel_for(0, n_units, 1, [&](int64_t ub, int64_t ue) {
+      std::vector<float> work(size_t(2 * kAttnBlockQ * dp + kAttnBlockQ * kAttnBlockK + 2 * kAttnBlockQ));
+      for (int64_t u = ub; u < ue; ++u) {
+        const int64_t b = units[3 * u], h = units[3 * u + 1], i0 = units[3 * u + 2];
+        const int64_t kvh = h / group;
+        const int64_t rows = std::min<int64_t>(kAttnBlockQ, seqs.q_len[b] - i0);
+        const int64_t tok = seqs.q_start[b] + i0;
+        kernel(sh, qp + tok * qs + h * sh.d, qs, op + tok * qs + h * sh.d, qs, lp + tok * sh.hq + h, sh.hq,
+               rows, i0, seqs.q_len[b], kt.data() + kvh * dp * ld + seqs.k_start[b], ld,
+               vp.data() + (kvh * total_k + seqs.k_start[b]) * dp, seqs.k_len[b], work.data());
+      }
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k,
+    double scale, bool causal, int64_t window) {
+  check_qkv(q, k, v, "attention_bwd");
+  check_cpu_contiguous(dout, "dout");
+  check_cpu_contiguous(out, "out");
+  check_cpu_contiguous(lse, "lse");
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "attention_bwd: dout and out must match q");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == q.size(0) &&
+                  lse.size(1) == q.size(1),
+              "attention_bwd: lse must be float32 (total_q, Hq)");
+  const AttnShape sh = make_shape(q, k, scale, causal, window);
+  const SeqTable seqs = seqs_from_cu(cu_q, cu_k, q.size(0), k.size(0), "attention_bwd");
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  const int64_t total_k = k.size(0), dp = sh.dp, group = sh.hq / sh.hkv;
+  if (seqs.count() == 0 || total_k == 0) return {dq, dk, dv};
+  const int64_t ld = total_k + kAttnBlockK;
+  std::vector<float> kt(size_t(sh.hkv * dp * ld)), vt(size_t(sh.hkv * dp * ld)),
+      kp(size_t(sh.hkv * total_k * dp));
+  const int64_t qs = sh.hq * sh.d, ks = sh.hkv * sh.d;
+  const int64_t nq = group * seqs.max_q;
+  const int64_t work_floats =
+      3 * nq * dp + 2 * nq + 2 * kAttnBlockK * dp + 2 * kAttnBlockQ * kAttnBlockK + dp;
+  dispatch_float_types(q.scalar_type(), "attention_bwd", [&]<typename T>() {
+    pack_keys<T>(k, sh, kt.data(), ld, kp.data());
+    pack_keys<T>(v, sh, vt.data(), ld, nullptr);
+    auto kernel = MG_ISA_CALL(attn_bwd_kv_head<T>);
+    const T *qp = ptr<const T>(q), *op = ptr<const T>(out), *dop = ptr<const T>(dout);
+    const float* lp = ptr<const float>(lse);
+    T *dqp = ptr<T>(dq), *dkp = ptr<T>(dk), *dvp = ptr<T>(dv);
+    at::parallel_for(0, seqs.count() * sh.hkv, 1, [&](int64_t ub, int64_t ue) {
+      std::vector<float> work(static_cast<size_t>(work_floats));
+      for (int64_t u = ub; u < ue; ++u) {
+        const int64_t b = u / sh.hkv, kvh = u % sh.hkv;
+        const int64_t qo = seqs.q_start[b] * qs + kvh * group * sh.d;
+        const int64_t ko = seqs.k_start[b] * ks + kvh * sh.d;
+        const int64_t col = kvh * dp * ld + seqs.k_start[b];
+        kernel(sh, group, seqs.q_len[b], seqs.k_len[b], qp + qo, op + qo, dop + qo,
+               lp + seqs.q_start[b] * sh.hq + kvh * group, qs, sh.hq, dqp + qo, dkp + ko, dvp + ko, ks,
+               kt.data() + col, vt.data() + col, ld, kp.data() + (kvh * total_k + seqs.k_start[b]) * dp,
+               work.data());
+      }
+    });
+  });
+  return {dq, dk, dv};
+}
+
+at::Tensor attention_kvcache(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                             const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+                             const std::optional<at::Tensor>& v_new, double scale, bool causal) {
+  check_cpu_contiguous(q, "q");
+  check_cpu_contiguous(k_cache, "k_cache");
+  check_cpu_contiguous(v_cache, "v_cache");
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "attention_kvcache: q (B, Tq, Hq, D) and caches (B, S, Hkv, D) of equal shape expected");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "attention_kvcache: q and caches must have one dtype");
+  const int64_t B = q.size(0), Tq = q.size(1), hq = q.size(2), d = q.size(3);
+  const int64_t S = k_cache.size(1), hkv = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == d && d >= 1 && d <= kAttnMaxHeadDim &&
+                  hq % hkv == 0,
+              "attention_kvcache: cache shape does not match q");
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.numel() == B && cache_seqlens.device().is_cpu() &&
+                  !at::isFloatingType(cache_seqlens.scalar_type()),
+              "attention_kvcache: cache_seqlens must be an integer (B,) CPU tensor");
+  const bool has_new = k_new.has_value() && k_new->defined();
+  TORCH_CHECK(has_new == (v_new.has_value() && v_new->defined()),
+              "attention_kvcache: pass both k_new and v_new or neither");
+  int64_t tn = 0;
+  if (has_new) {
+    check_cpu_contiguous(*k_new, "k_new");
+    check_cpu_contiguous(*v_new, "v_new");
+    TORCH_CHECK(k_new->dim() == 4 && k_new->sizes() == v_new->sizes() && k_new->size(0) == B &&
+                    k_new->size(2) == hkv && k_new->size(3) == d &&
+                    k_new->scalar_type() == q.scalar_type() && v_new->scalar_type() == q.scalar_type(),
+                "attention_kvcache: k_new/v_new must be (B, Tn, Hkv, D) of q's dtype");
+    tn = k_new->size(1);
+  }
+  at::Tensor lens = cache_seqlens.to(at::kLong).contiguous();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] >= 0 && lp[b] + tn <= S, "attention_kvcache: row ", b, " has ", lp[b],
+                " cached entries; adding ", tn, " exceeds the cache capacity ", S);
+  const int64_t row = hkv * d;
+  if (has_new) {
+    const size_t es = k_cache.element_size();
+    char* kc = static_cast<char*>(k_cache.data_ptr());
+    char* vc = static_cast<char*>(v_cache.data_ptr());
+    const char* kn = static_cast<const char*>(k_new->data_ptr());
+    const char* vn = static_cast<const char*>(v_new->data_ptr());
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(kc + ((b * S + lp[b]) * row) * es, kn + (b * tn * row) * es, size_t(tn * row) * es);
+      std::memcpy(vc + ((b * S + lp[b]) * row) * es, vn + (b * tn * row) * es, size_t(tn * row) * es);
+    }
+  }
+  at::Tensor out = at::empty_like(q);
+  AttnShape sh;
+  sh.hq = hq, sh.hkv = hkv, sh.d = d, sh.dp = padded_head_dim(d);
+  sh.scale = float(scale), sh.causal = causal, sh.window = -1;
+  const int64_t group = hq / hkv, rows = group * Tq, dp = sh.dp;
+  if (B == 0 || Tq == 0) return out;
+  const int64_t work_floats = 2 * rows * dp + rows * kAttnBlockK + 2 * rows + 2 * kAttnBlockK * dp;
+  const int64_t qs = hq * d;
+  dispatch_float_types(q.scalar_type(), "attention_kvcache", [&]<typename T>() {
+    auto kernel = MG_ISA_CALL(attn_decode_kv_head<T>);
+    const T* qp = ptr<const T>(q);
+    T* op = ptr<T>(out);
+    const T* kp = ptr<const T>(k_cache);
+    const T* vp = ptr<const T>(v_cache);
+    at::parallel_for(0, B * hkv, 1, [&](int64_t ub, int64_t ue) {
+      std::vector<float> work(static_cast<size_t>(work_floats));
+      for (int64_t u = ub; u < ue; ++u) {
+        const int64_t b = u / hkv, kvh = u % hkv;
+        const int64_t qo = b * Tq * qs + kvh * group * d;
+        const int64_t ko = b * S * row + kvh * d;
+        kernel(sh, group, Tq, lp[b] + tn, qp + qo, qs, op + qo, kp + ko, vp + ko, row, work.data());
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace minigpt::cpu
+
+TORCH_LIBRARY_FRAGMENT(minigpt, m) {
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, float scale, "
+      "bool causal, int window) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, float scale, bool causal, int window) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
+      "Tensor? k_new, Tensor? v_new, float scale, bool causal) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
+  m.impl("attention_fwd", &minigpt::cpu::attention_fwd);
+  m.impl("attention_bwd", &minigpt::cpu::attention_bwd);
+  m.impl("attention_kvcache", &minigpt::cpu::attention_kvcache);
+}

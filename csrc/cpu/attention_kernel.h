@@ -1,0 +1,457 @@
+// csrc/cpu/attention_kernel.h -- flash attention (forward, backward, decode), written
+// once against Vec.
+//
+// Included by isa_expand.h once per instruction set (no include guard on purpose).
+// Threading, argument checks and buffer allocation live in attention.cpp; here are
+//
+//   * two register-blocked micro-kernels on float32 tiles:
+//       qk_tile:  S  = A  @ Bt        (A: rows x dp, Bt: dp x 64 keys, "transposed" keys)
+//       pv_tile:  C += P  @ B         (P: rows x inner, read with arbitrary strides, so
+//                                      P^T @ B is the same kernel)
+//   * packing (convert to float32, pad the head dim, optionally transpose),
+//   * attn_fwd_block: one (sequence, head, query block) with the online softmax,
+//   * attn_bwd_kv_head: one (sequence, kv head) of the backward pass,
+//   * attn_decode_kv_head: one (sequence, kv head) of decoding (all query heads that
+//     share the kv head at once, so grouped-query attention reads the cache once).
+//
+// No std:: templates are instantiated here: this text is compiled with different
+// `#pragma GCC target` settings and shared inline instantiations could leak
+// AVX-512 code into paths meant for older CPUs.
+
+constexpr float kNegInf = -__builtin_inff();
+
+inline int64_t mg_min(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t mg_max(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// ---- micro-kernel 1: S[MR x 4 vectors] = A[MR x dp] @ Bt[dp x 4 vectors] -----------
+// The keys are packed transposed (Bt[dd * ldb + j]) so each step broadcasts one
+// query element and multiplies 4 vectors of keys: MR * 4 accumulators stay in
+// registers for the whole head-dim loop.
+template <int MR>
+inline void qk_tile(const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t dp,
+                    float* C, int64_t ldc) {
+  Vec acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[r][c] = Vec::zero();
+  for (int64_t dd = 0; dd < dp; ++dd) {
+    const float* b = Bt + dd * ldb;
+    Vec b0 = Vec::load(b), b1 = Vec::load(b + Vec::N), b2 = Vec::load(b + 2 * Vec::N),
+        b3 = Vec::load(b + 3 * Vec::N);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      Vec a = Vec::set1(A[r * lda + dd]);
+      acc[r][0] = fmadd(a, b0, acc[r][0]);
+      acc[r][1] = fmadd(a, b1, acc[r][1]);
+      acc[r][2] = fmadd(a, b2, acc[r][2]);
+      acc[r][3] = fmadd(a, b3, acc[r][3]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[r][c].store(C + r * ldc + c * Vec::N);
+}
+
+// Rows per register tile: 6 x 4 accumulators + 4 operand vectors fit AVX-512's 32
+// registers; AVX2 has 16, so 2 x 4 + 4.
+constexpr int kTileRows = Vec::N == 8 ? 2 : 6;
+
+// S[rows x 64] = A[rows x dp] @ Bt[dp x 64]
+inline void qk_block(const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t dp,
+                     int64_t rows, float* S, int64_t lds) {
+  for (int64_t j0 = 0; j0 < kAttnBlockK; j0 += 4 * Vec::N) {
+    int64_t r = 0;
+    for (; r + kTileRows <= rows; r += kTileRows)
+      qk_tile<kTileRows>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds);
+    switch (rows - r) {
+      case 5: qk_tile<5>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
+      case 4: qk_tile<4>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
+      case 3: qk_tile<3>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
+      case 2: qk_tile<2>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
+      case 1: qk_tile<1>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
+      default: break;
+    }
+  }
+}
+
+// ---- micro-kernel 2: C[MR x NV vectors] += P[MR x inner] @ B[inner x NV vectors] ---
+// P(r, k) is read at P[r * ps_r + k * ps_k]: (ps_r, ps_k) = (ld, 1) gives P @ B and
+// (1, ld) gives P^T @ B, which the backward pass needs for dK and dV.
+template <int MR, int NV>
+inline void pv_tile(float* C, int64_t ldc, const float* P, int64_t ps_r, int64_t ps_k,
+                    int64_t inner, const float* B, int64_t ldb) {
+  Vec acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = Vec::load(C + r * ldc + c * Vec::N);
+  for (int64_t k = 0; k < inner; ++k) {
+    const float* b = B + k * ldb;
+    Vec bv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) bv[c] = Vec::load(b + c * Vec::N);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      Vec p = Vec::set1(P[r * ps_r + k * ps_k]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = fmadd(p, bv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c].store(C + r * ldc + c * Vec::N);
+}
+
+template <int NV>
+inline void pv_rows(float* C, int64_t ldc, const float* P, int64_t ps_r, int64_t ps_k,
+                    int64_t rows, int64_t inner, const float* B, int64_t ldb) {
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows)
+    pv_tile<kTileRows, NV>(C + r * ldc, ldc, P + r * ps_r, ps_r, ps_k, inner, B, ldb);
+  switch (rows - r) {
+    case 5: pv_tile<5, NV>(C + r * ldc, ldc, P + r * ps_r, ps_r, ps_k, inner, B, ldb); break;
+    case 4: pv_tile<4, NV>(C + r * ldc, ldc, P + r * ps_r, ps_r, ps_k, inner, B, ldb); break;
+    case 3: pv_tile<3, NV>(C + r * ldc, ldc, P + r * ps_r, ps_r, ps_k, inner, B, ldb); break;
+    case 2: pv_tile<2, NV>(C + r * ldc, ldc, P + r * ps_r, ps_r, ps_k, inner, B, ldb); break;
+    case 1: pv_tile<1, NV>(C + r * ldc, ldc, P + r * ps_r, ps_r, ps_k, inner, B, ldb); break;
+    default: break;
+  }
+}
+
+// C[rows x dp] += P[rows x inner] @ B[inner x dp]; dp is a multiple of Vec::N.
+inline void pv_block(float* C, int64_t ldc, const float* P, int64_t ps_r, int64_t ps_k,
+                     int64_t rows, int64_t inner, const float* B, int64_t ldb, int64_t dp) {
+  if (rows <= 0 || inner <= 0) return;
+  for (int64_t c0 = 0; c0 < dp; c0 += 4 * Vec::N) {
+    const int64_t nv = mg_min(4, (dp - c0) / Vec::N);
+    switch (nv) {
+      case 4: pv_rows<4>(C + c0, ldc, P, ps_r, ps_k, rows, inner, B + c0, ldb); break;
+      case 3: pv_rows<3>(C + c0, ldc, P, ps_r, ps_k, rows, inner, B + c0, ldb); break;
+      case 2: pv_rows<2>(C + c0, ldc, P, ps_r, ps_k, rows, inner, B + c0, ldb); break;
+      default: pv_rows<1>(C + c0, ldc, P, ps_r, ps_k, rows, inner, B + c0, ldb); break;
+    }
+  }
+}
+
+// ---- packing -------------------------------------------------------------------------
+
+// dst[j * dp + dd] = scale * src[j * stride + dd] as float32, zero for d <= dd < dp.
+template <typename T>
+void attn_pack_rows(const T* src, int64_t stride, int64_t n, int64_t d, int64_t dp, float scale,
+                    float* dst) {
+  const int64_t dv = d - d % Vec::N;
+  const Vec s = Vec::set1(scale);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* x = src + j * stride;
+    float* y = dst + j * dp;
+    int64_t dd = 0;
+    for (; dd < dv; dd += Vec::N) (Vec::load(x + dd) * s).store(y + dd);
+    if (dd < d) (Vec::load_partial(x + dd, int(d - dd)) * s).store(y + dd);  // zero-filled tail
+    for (dd = dv + (d > dv ? Vec::N : 0); dd < dp; ++dd) y[dd] = 0.0f;
+  }
+}
+
+// dst[dd * ld + j] = src[j * stride + dd] as float32 (keys become columns), zero rows
+// for d <= dd < dp. Done once per call, so its cost is linear in the sequence length.
+template <typename T>
+void attn_pack_transposed(const T* src, int64_t stride, int64_t n, int64_t d, int64_t dp,
+                          float* dst, int64_t ld) {
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t j1 = mg_min(n, j0 + 16);
+    for (int64_t dd = 0; dd < d; ++dd)
+      for (int64_t j = j0; j < j1; ++j) dst[dd * ld + j] = to_f32(src[j * stride + dd]);
+  }
+  for (int64_t dd = d; dd < dp; ++dd)
+    for (int64_t j = 0; j < n; ++j) dst[dd * ld + j] = 0.0f;
+}
+
+// ---- shared softmax pieces ----------------------------------------------------------
+
+// Overwrite S[j] with -inf outside [lo, hi) for j in [0, 64).
+inline void mask_outside(float* S, int64_t lo, int64_t hi) {
+  lo = mg_max(0, mg_min(lo, kAttnBlockK));
+  hi = mg_max(lo, mg_min(hi, kAttnBlockK));
+  for (int64_t j = 0; j < lo; ++j) S[j] = kNegInf;
+  for (int64_t j = hi; j < kAttnBlockK; ++j) S[j] = kNegInf;
+}
+
+inline float row_max64(const float* S) {
+  Vec m = Vec::load(S);
+  for (int j = Vec::N; j < kAttnBlockK; j += Vec::N) m = vmax(m, Vec::load(S + j));
+  return m.reduce_max();
+}
+
+// S[j] = exp(S[j] - sub) in place; returns the sum.
+inline float exp_row64(float* S, float sub) {
+  const Vec vs = Vec::set1(sub);
+  Vec sum = Vec::zero();
+  for (int j = 0; j < kAttnBlockK; j += Vec::N) {
+    Vec p = vexp(Vec::load(S + j) - vs);
+    p.store(S + j);
+    sum = sum + p;
+  }
+  return sum.reduce_add();
+}
+
+inline void scale_row(float* x, int64_t dp, float s) {
+  const Vec vs = Vec::set1(s);
+  for (int64_t i = 0; i < dp; i += Vec::N) (Vec::load(x + i) * vs).store(x + i);
+}
+
+// Online softmax update of `rows` score rows S (already masked) against running
+// max m, sum l and output accumulator O; leaves the probabilities in S.
+inline void online_softmax(float* S, int64_t rows, float* m, float* l, float* O, int64_t dp) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = S + i * kAttnBlockK;
+    const float mx = row_max64(s);
+    if (mx == kNegInf) {  // nothing visible in this block for this row
+      for (int j = 0; j < kAttnBlockK; ++j) s[j] = 0.0f;
+      continue;
+    }
+    const float m_new = m[i] > mx ? m[i] : mx;
+    const float alpha = __builtin_expf(m[i] - m_new);  // 0 when m[i] == -inf
+    const float sum = exp_row64(s, m_new);
+    if (alpha != 1.0f) {
+      scale_row(O + i * dp, dp, alpha);
+      l[i] *= alpha;
+    }
+    l[i] += sum;
+    m[i] = m_new;
+  }
+}
+
+// out row = O / l (or zeros if the row saw no key); lse = m + log(l) (or -inf).
+template <typename T>
+inline void finish_row(const float* O, float m, float l, int64_t d, T* out, float* lse) {
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  const Vec vinv = Vec::set1(inv);
+  int64_t dd = 0;
+  for (; dd + Vec::N <= d; dd += Vec::N) (Vec::load(O + dd) * vinv).store(out + dd);
+  if (dd < d) (Vec::load(O + dd) * vinv).store_partial(out + dd, int(d - dd));
+  if (lse) *lse = l > 0.0f ? m + __builtin_logf(l) : kNegInf;
+}
+
+// ---- forward: one (sequence, query head, query block) ----------------------------------
+//
+// q_tok0: first query token (global row) of the block, rows: block height,
+// i0: index of the block's first query inside its sequence.
+// kt: this kv head's transposed keys, column k_start = the sequence's first key.
+// vp: this kv head's packed values (row-major, dp columns).
+// work: 2 * kAttnBlockQ * dp + kAttnBlockQ * kAttnBlockK + 2 * kAttnBlockQ floats.
+template <typename T>
+void attn_fwd_block(const AttnShape& sh, const T* q, int64_t q_stride, T* out, int64_t o_stride,
+                    float* lse, int64_t lse_stride, int64_t rows, int64_t i0, int64_t q_len,
+                    const float* kt, int64_t kt_ld, const float* vp, int64_t k_len, float* work) {
+  const int64_t dp = sh.dp;
+  float* Q = work;
+  float* O = Q + kAttnBlockQ * dp;
+  float* S = O + kAttnBlockQ * dp;
+  float* m = S + kAttnBlockQ * kAttnBlockK;
+  float* l = m + kAttnBlockQ;
+  attn_pack_rows(q, q_stride, rows, sh.d, dp, sh.scale, Q);
+  for (int64_t i = 0; i < rows * dp; ++i) O[i] = 0.0f;
+  for (int64_t i = 0; i < rows; ++i) {
+    m[i] = kNegInf;
+    l[i] = 0.0f;
+  }
+  const int64_t shift = k_len - q_len;  // bottom-right alignment
+  int64_t lo_first, hi_first, lo_last, hi_last;
+  attn_visible_keys(sh, i0 + shift, k_len, &lo_first, &hi_first);
+  attn_visible_keys(sh, i0 + rows - 1 + shift, k_len, &lo_last, &hi_last);
+  const int64_t k_begin = lo_first, k_end = hi_last;  // both bounds grow with the row
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kAttnBlockK) {
+    const int64_t n = mg_min(kAttnBlockK, k_end - k0);
+    qk_block(Q, dp, kt + k0, kt_ld, dp, rows, S, kAttnBlockK);
+    // mask only where the block is not fully visible to every row
+    const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
+    if (!full) {
+      for (int64_t i = 0; i < rows; ++i) {
+        int64_t lo, hi;
+        attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
+        mask_outside(S + i * kAttnBlockK, lo - k0, mg_min(hi, k0 + n) - k0);
+      }
+    }
+    online_softmax(S, rows, m, l, O, dp);
+    pv_block(O, dp, S, kAttnBlockK, 1, rows, n, vp + k0 * dp, dp, dp);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    finish_row(O + i * dp, m[i], l[i], sh.d, out + i * o_stride, lse ? lse + i * lse_stride : nullptr);
+}
+
+// ---- backward: one (sequence, kv head), all query heads of its group ------------------
+//
+// Recomputes P = exp(S - lse) block by block (the (Tq, Tk) matrix is never stored):
+//   dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dQ += dS K * scale;  dK += dS^T (Q * scale)
+// with delta = rowsum(dO * O). dK and dV of a key block sum over every query head of
+// the group, so no two threads ever write the same gradient row.
+//
+// q/out/dout/dq point at the group's first query head of the sequence's first token
+// (head h of the group is at + h * d); k/dk/dv at the kv head's first key token.
+// kt, vt: transposed keys/values of this kv head at the sequence's first key;
+// kp: row-packed keys. work: see attn_bwd_work_floats in attention.cpp.
+template <typename T>
+void attn_bwd_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int64_t k_len,
+                      const T* q, const T* out, const T* dout, const float* lse, int64_t q_stride,
+                      int64_t lse_stride, T* dq, T* dk, T* dv, int64_t k_stride, const float* kt,
+                      const float* vt, int64_t t_ld, const float* kp, float* work) {
+  const int64_t dp = sh.dp, d = sh.d;
+  const int64_t nq = group * q_len;
+  float* Qs = work;               // [group][q_len][dp]  q * scale
+  float* dO = Qs + nq * dp;       // [group][q_len][dp]
+  float* dQ = dO + nq * dp;       // [group][q_len][dp]  accumulated dS @ K
+  float* L = dQ + nq * dp;        // [group][q_len]      lse (+inf for empty rows)
+  float* delta = L + nq;          // [group][q_len]
+  float* dK = delta + nq;         // [64][dp]
+  float* dV = dK + kAttnBlockK * dp;
+  float* P = dV + kAttnBlockK * dp;  // [64][64]
+  float* dS = P + kAttnBlockQ * kAttnBlockK;
+  float* orow = dS + kAttnBlockQ * kAttnBlockK;  // [dp] scratch
+  for (int64_t g = 0; g < group; ++g) {
+    attn_pack_rows(q + g * d, q_stride, q_len, d, dp, sh.scale, Qs + g * q_len * dp);
+    attn_pack_rows(dout + g * d, q_stride, q_len, d, dp, 1.0f, dO + g * q_len * dp);
+    for (int64_t i = 0; i < q_len; ++i) {
+      attn_pack_rows(out + g * d + i * q_stride, q_stride, 1, d, dp, 1.0f, orow);
+      const float* go = dO + (g * q_len + i) * dp;
+      Vec acc = Vec::zero();
+      for (int64_t dd = 0; dd < dp; dd += Vec::N) acc = fmadd(Vec::load(go + dd), Vec::load(orow + dd), acc);
+      delta[g * q_len + i] = acc.reduce_add();
+      const float v = lse[g + i * lse_stride];
+      // exp(S - (+inf)) == 0: a row that saw no key gets no gradient
+      L[g * q_len + i] = v == kNegInf ? __builtin_inff() : v;
+    }
+  }
+  for (int64_t i = 0; i < nq * dp; ++i) dQ[i] = 0.0f;
+  const int64_t shift = k_len - q_len;
+  for (int64_t k0 = 0; k0 < k_len; k0 += kAttnBlockK) {
+    const int64_t n = mg_min(kAttnBlockK, k_len - k0);
+    for (int64_t i = 0; i < kAttnBlockK * dp; ++i) dK[i] = dV[i] = 0.0f;
+    for (int64_t i0 = 0; i0 < q_len; i0 += kAttnBlockQ) {
+      const int64_t rows = mg_min(kAttnBlockQ, q_len - i0);
+      int64_t lo_first, hi_first, lo_last, hi_last;
+      attn_visible_keys(sh, i0 + shift, k_len, &lo_first, &hi_first);
+      attn_visible_keys(sh, i0 + rows - 1 + shift, k_len, &lo_last, &hi_last);
+      if (hi_last <= k0 || lo_first >= k0 + n) continue;  // block pair fully masked
+      const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* Qg = Qs + (g * q_len + i0) * dp;
+        const float* dOg = dO + (g * q_len + i0) * dp;
+        const float* Lg = L + g * q_len + i0;
+        const float* Dg = delta + g * q_len + i0;
+        qk_block(Qg, dp, kt + k0, t_ld, dp, rows, P, kAttnBlockK);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* s = P + i * kAttnBlockK;
+          if (!full) {
+            int64_t lo, hi;
+            attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
+            mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
+          }
+          exp_row64(s, Lg[i]);
+        }
+        // dV[j] += sum_i P[i, j] dO[i]
+        pv_block(dV, dp, P, 1, kAttnBlockK, n, rows, dOg, dp, dp);
+        qk_block(dOg, dp, vt + k0, t_ld, dp, rows, dS, kAttnBlockK);
+        for (int64_t i = 0; i < rows; ++i) {
+          const Vec dl = Vec::set1(Dg[i]);
+          float* ds = dS + i * kAttnBlockK;
+          const float* p = P + i * kAttnBlockK;
+          for (int j = 0; j < kAttnBlockK; j += Vec::N)
+            (Vec::load(p + j) * (Vec::load(ds + j) - dl)).store(ds + j);
+        }
+        pv_block(dQ + (g * q_len + i0) * dp, dp, dS, kAttnBlockK, 1, rows, n, kp + k0 * dp, dp, dp);
+        pv_block(dK, dp, dS, 1, kAttnBlockK, n, rows, Qg, dp, dp);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      finish_row<T>(dK + j * dp, 0.0f, 1.0f, d, dk + (k0 + j) * k_stride, nullptr);
+      finish_row<T>(dV + j * dp, 0.0f, 1.0f, d, dv + (k0 + j) * k_stride, nullptr);
+    }
+  }
+  // dQ = scale * (dS @ K); finish_row multiplies by 1 / l, so pass l = 1 / scale.
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < q_len; ++i)
+      finish_row<T>(dQ + (g * q_len + i) * dp, 0.0f, 1.0f / sh.scale, d, dq + g * d + i * q_stride,
+                    nullptr);
+}
+
+// ---- decode: one (sequence, kv head) against its cache ----------------------------------
+//
+// All group * q_len query rows that share the kv head are processed together, so the
+// cache rows are read from memory once. Keys are visited in blocks of 64: the block
+// is converted to float32 rows (kc, vc), scores are dot products (the block is read
+// from L1 by every query row), then the same online softmax and pv micro-kernel as
+// the forward pass. q/out: first query head of the group at the first token; k/v:
+// the kv head's row 0 of this sequence's cache. work: see attention.cpp.
+template <typename T>
+void attn_decode_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int64_t k_len,
+                         const T* q, int64_t q_stride, T* out, const T* k, const T* v,
+                         int64_t k_stride, float* work) {
+  const int64_t dp = sh.dp, d = sh.d;
+  const int64_t rows = group * q_len;  // row r = (g, t) with r = g * q_len + t
+  float* Q = work;                     // [rows][dp]
+  float* O = Q + rows * dp;            // [rows][dp]
+  float* S = O + rows * dp;            // [rows][64]
+  float* m = S + rows * kAttnBlockK;
+  float* l = m + rows;
+  float* kc = l + rows;                // [64][dp]
+  float* vc = kc + kAttnBlockK * dp;   // [64][dp]
+  for (int64_t g = 0; g < group; ++g)
+    attn_pack_rows(q + g * d, q_stride, q_len, d, dp, sh.scale, Q + g * q_len * dp);
+  for (int64_t i = 0; i < rows * dp; ++i) O[i] = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+  }
+  const int64_t shift = k_len - q_len;
+  int64_t k_begin = k_len, k_end = 0;
+  for (int64_t t = 0; t < q_len; ++t) {
+    int64_t lo, hi;
+    attn_visible_keys(sh, t + shift, k_len, &lo, &hi);
+    if (lo < hi) {
+      k_begin = mg_min(k_begin, lo);
+      k_end = mg_max(k_end, hi);
+    }
+  }
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kAttnBlockK) {
+    const int64_t n = mg_min(kAttnBlockK, k_end - k0);
+    attn_pack_rows(k + k0 * k_stride, k_stride, n, d, dp, 1.0f, kc);
+    attn_pack_rows(v + k0 * k_stride, k_stride, n, d, dp, 1.0f, vc);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = Q + r * dp;
+      float* s = S + r * kAttnBlockK;
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {  // 4 keys at a time: 4 independent FMA chains
+        const float* k0p = kc + j * dp;
+        Vec a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
+        for (int64_t dd = 0; dd < dp; dd += Vec::N) {
+          const Vec x = Vec::load(qr + dd);
+          a0 = fmadd(x, Vec::load(k0p + dd), a0);
+          a1 = fmadd(x, Vec::load(k0p + dp + dd), a1);
+          a2 = fmadd(x, Vec::load(k0p + 2 * dp + dd), a2);
+          a3 = fmadd(x, Vec::load(k0p + 3 * dp + dd), a3);
+        }
+        s[j] = a0.reduce_add();
+        s[j + 1] = a1.reduce_add();
+        s[j + 2] = a2.reduce_add();
+        s[j + 3] = a3.reduce_add();
+      }
+      for (; j < n; ++j) {
+        Vec a = Vec::zero();
+        for (int64_t dd = 0; dd < dp; dd += Vec::N) a = fmadd(Vec::load(qr + dd), Vec::load(kc + j * dp + dd), a);
+        s[j] = a.reduce_add();
+      }
+      int64_t lo, hi;
+      attn_visible_keys(sh, r % q_len + shift, k_len, &lo, &hi);
+      mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
+    }
+    online_softmax(S, rows, m, l, O, dp);
+    pv_block(O, dp, S, kAttnBlockK, 1, rows, n, vc, dp, dp);
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t t = 0; t < q_len; ++t) {
+      const int64_t r = g * q_len + t;
+      finish_row(O + r * dp, m[r], l[r], d, out + g * d + t * q_stride, nullptr);
+    }
+}
