@@ -17,6 +17,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("minigpt.kernels.cli", "show which kernel backend each op uses here"),
     "tokenizer": ("minigpt.tokenizer.cli", "train a BPE tokenizer; encode/decode text"),
     "data": ("minigpt.data.cli", "prepare token shards from a corpus source"),
+    "train": ("minigpt.train.cli", "pretrain a GPT; no arguments = the 10-minute main job"),
+    "generate": ("minigpt.infer.cli", "continue a prompt with a trained model (streaming)"),
+    "chat": ("minigpt.infer.chat", "talk to a model in the terminal (/help for commands)"),
+    "export": ("minigpt.model.cli", "export a model as a Hugging Face Llama checkpoint"),
 }
 
 
