@@ -110,6 +110,14 @@ class Tokenizer:
         )
         self._special_re = None
 
+    def __getstate__(self) -> dict:
+        # the C++ core cannot be pickled; rebuild it from the description
+        return {"description": self.to_dict(), "native": self.uses_native}
+
+    def __setstate__(self, state: dict) -> None:
+        other = Tokenizer.from_dict(state["description"], use_native=state["native"])
+        self.__dict__.update(other.__dict__)
+
     # ----------------------------------------------------------------- basics
     @property
     def vocab_size(self) -> int:
@@ -386,12 +394,16 @@ class Tokenizer:
         return [p for p in self._special_re.split(text) if p]
 
 
+_SURROGATE = regex.compile("[\ud800-\udfff]")
+
+
 def _valid_utf8(text: str) -> str:
+    """``text`` with lone surrogates (which have no UTF-8 form) replaced by U+FFFD."""
     try:
         text.encode("utf-8")
         return text
-    except UnicodeEncodeError:  # lone surrogates cannot be UTF-8
-        return text.encode("utf-8", errors="replace").decode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
 
 
 def _check_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
