@@ -1,10 +1,11 @@
 """Causal self-attention with rotary positions, grouped-query heads and a KV cache.
 
 Layout everywhere: (batch, seq, heads, head_dim) -- "BTHD" -- the layout of the
-fused kernels in :mod:`minigpt.kernels`. RoPE is the fused ``rope`` kernel;
-``attention`` and ``attention_with_kv_cache`` are written in plain torch below
-with the signatures of the fused attention kernels, so that moving to them is a
-one-line change of the names bound in this file.
+fused kernels in :mod:`minigpt.kernels`, which do the math here: ``rope``,
+``attention`` (flash attention, training and prefill) and
+``attention_with_kv_cache`` (decoding). The plain-torch ``*_torch`` versions
+below compute the same thing through ``F.scaled_dot_product_attention``; they
+are kept as readable references and as competitors in the benchmarks.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.kernels import rope
+from minigpt.kernels import attention, attention_with_kv_cache, rope
 
 # ---- attention -------------------------------------------------------------------------
 
@@ -86,11 +87,6 @@ def attention_with_kv_cache_torch(
         enable_gqa=k_cache.shape[2] != q.shape[2],
     )
     return out.transpose(1, 2)
-
-
-# The ops the module calls. Switching to a fused kernel is one line each.
-attention = attention_torch
-attention_with_kv_cache = attention_with_kv_cache_torch
 
 
 class CausalSelfAttention(nn.Module):
