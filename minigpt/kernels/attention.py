@@ -41,8 +41,8 @@ from minigpt.kernels.reference.attention import (
     attention_with_kv_cache_reference,
 )
 
-register_op("attention", ("cpp",))
-register_op("attention_varlen", ("cpp",))
+register_op("attention", ("cpp", "triton"))
+register_op("attention_varlen", ("cpp", "triton"))
 register_op("attention_with_kv_cache", ("cpp",))
 
 MAX_HEAD_DIM = 256
