@@ -140,14 +140,17 @@ def _path_documents(spec: str, stats: dict | None) -> Iterator[str]:
 
 
 def _stdlib_documents(stats: dict | None) -> Iterator[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    for path in sorted(root.rglob("*.py")):
-        if skip.intersection(path.relative_to(root).parts):
-            continue
-        text = _decode(path.read_bytes(), stats, str(path))
-        if text.strip():
-            yield text
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in skip)  # prune, and walk in a fixed order
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    text = _decode(f.read(), stats, path)
+                if text.strip():
+                    yield text
 
 
 def fetch_pypi_package(package: str) -> Path:
