@@ -23,6 +23,7 @@ from minigpt.kernels._backend import (
 from minigpt.kernels.attention import attention, attention_varlen, attention_with_kv_cache
 from minigpt.kernels.rms_norm import add_rms_norm, rms_norm
 from minigpt.kernels.rope import rope, rope_cos_sin, rope_with_positions
+from minigpt.kernels.sampling import SampleOutput, repetition_penalty, sample, top_k_top_p_filter
 from minigpt.kernels.swiglu import swiglu
 
 __all__ = [
@@ -40,6 +41,10 @@ __all__ = [
     "rope",
     "rope_cos_sin",
     "rope_with_positions",
+    "repetition_penalty",
+    "sample",
+    "SampleOutput",
+    "top_k_top_p_filter",
     "select_backend",
     "swiglu",
     "triton_available",
