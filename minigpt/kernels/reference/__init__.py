@@ -12,11 +12,12 @@ from minigpt.kernels.reference.attention import (
     attention_varlen_reference,
     attention_with_kv_cache_reference,
 )
+from minigpt.kernels.reference.cross_entropy import linear_cross_entropy_reference
 from minigpt.kernels.reference.norm import add_rms_norm_reference, rms_norm_reference
 from minigpt.kernels.reference.rope import rope_cos_sin, rope_reference, rotate_half
 from minigpt.kernels.reference.swiglu import swiglu_reference
 
-__all__ = ["rms_norm_reference", "add_rms_norm_reference"]
+__all__ = ["linear_cross_entropy_reference", "rms_norm_reference", "add_rms_norm_reference"]
 __all__ += ["rope_cos_sin", "rope_reference", "rotate_half", "swiglu_reference"]
 __all__ += [
     "attention_mask",

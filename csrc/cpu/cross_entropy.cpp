@@ -1,0 +1,94 @@
+// csrc/cpu/cross_entropy.cpp -- the fused softmax + cross-entropy step of
+// linear_cross_entropy on the CPU.
+//
+// The math lives in cross_entropy_kernel.h; this file checks arguments,
+// allocates the per-row outputs, splits rows across threads and picks the SIMD
+// variant. Registered as
+//
+//   torch.ops.minigpt.cross_entropy_chunk(Tensor(a!) logits, Tensor targets,
+//       Tensor? lse_in, Tensor? row_scale, float scale, int ignore_index,
+//       float softcap, bool write_grad) -> (Tensor loss, Tensor lse)
+//
+// on a 2-D contiguous (rows, V) logits chunk. With write_grad the logits are
+// overwritten in place by the gradient of the loss (so the caller's chunk
+// buffer doubles as the gradient buffer and the (rows, V) block is never
+// allocated twice). The matmuls around it stay in torch (minigpt/kernels/
+// linear_cross_entropy.py). Shapes for torch.compile come from the fake
+// implementation registered in that Python module.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <immintrin.h>
+
+#include "cpu/common.h"
+#include "cpu/isa.h"
+
+#define MG_KERNEL_FILE "cpu/cross_entropy_kernel.h"
+#include "cpu/isa_expand.h"
+
+namespace minigpt::cpu {
+namespace {
+
+void check_row_vector(const std::optional<at::Tensor>& t, int64_t rows, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  check_cpu_contiguous(*t, name);
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == rows,
+              "cross_entropy_chunk: ", name, " must be float32 of shape (rows,)");
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk(
+    const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& lse_in,
+    const std::optional<at::Tensor>& row_scale, double scale, int64_t ignore_index, double softcap,
+    bool write_grad) {
+  check_cpu_contiguous(logits, "logits");
+  check_cpu_contiguous(targets, "targets");
+  TORCH_CHECK(logits.dim() == 2, "cross_entropy_chunk: logits must be 2-D (rows, V)");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 &&
+                  targets.size(0) == logits.size(0),
+              "cross_entropy_chunk: targets must be int64 of shape (rows,)");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0 || rows == 0, "cross_entropy_chunk: logits must have at least one column");
+  check_row_vector(lse_in, rows, "lse_in");
+  check_row_vector(row_scale, rows, "row_scale");
+  TORCH_CHECK(softcap >= 0.0, "cross_entropy_chunk: softcap must be >= 0 (0 = off)");
+  // A target outside [0, V) would index past the row: refuse before any thread runs.
+  const int64_t* tp = ptr<const int64_t>(targets);
+  for (int64_t r = 0; r < rows; ++r)
+    TORCH_CHECK(tp[r] == ignore_index || (tp[r] >= 0 && tp[r] < V),
+                "cross_entropy_chunk: target ", tp[r], " at row ", r, " is outside [0, ", V,
+                ") and is not ignore_index ", ignore_index);
+  at::Tensor loss = at::empty({rows}, logits.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return {loss, lse};
+  const float* lse_in_p = ptr_or_null<const float>(lse_in);
+  const float* scale_p = ptr_or_null<const float>(row_scale);
+  dispatch_float_types(logits.scalar_type(), "cross_entropy_chunk", [&]<typename T>() {
+    auto kernel = MG_ISA_CALL(cross_entropy_rows<T>);
+    T* xp = ptr<T>(logits);
+    float* lp = ptr<float>(loss);
+    float* zp = ptr<float>(lse);
+    at::parallel_for(0, rows, row_grain(V), [&](int64_t b, int64_t e) {
+      kernel(xp + b * V, tp + b, lp + b, zp + b, lse_in_p ? lse_in_p + b : nullptr,
+             scale_p ? scale_p + b : nullptr, float(scale), ignore_index, float(softcap),
+             write_grad, e - b, V);
+    });
+  });
+  return {loss, lse};
+}
+
+}  // namespace
+}  // namespace minigpt::cpu
+
+TORCH_LIBRARY_FRAGMENT(minigpt, m) {
+  m.def(
+      "cross_entropy_chunk(Tensor(a!) logits, Tensor targets, Tensor? lse_in, Tensor? row_scale, "
+      "float scale, int ignore_index, float softcap, bool write_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
+  m.impl("cross_entropy_chunk", &minigpt::cpu::cross_entropy_chunk);
+}
