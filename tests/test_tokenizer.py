@@ -386,3 +386,25 @@ def test_export_hf_gpt2_pattern(gpt2, tmp_path):
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     text = corpus_slice("en", "fortunes", 20_000) + TRICKY
     assert hf.encode(text, add_special_tokens=False).ids == gpt2.encode(text)
+
+
+def test_max_pieces_bounds_memory_identically():
+    texts = training_text()
+    kwargs = dict(pattern="gpt4", progress=False, max_pieces=2000)
+    ref = train_tokenizer(texts, 700, use_native=False, **kwargs)
+    fast = train_tokenizer(texts, 700, use_native=True, **kwargs)
+    assert fast.merges == ref.merges
+    unbounded = train_tokenizer(texts, 700, progress=False)
+    assert unbounded.merges != fast.merges  # pruning really happened
+
+    from collections import Counter
+
+    from minigpt.tokenizer.train import count_words, prune_counts
+
+    counts = count_words(texts)
+    assert len(counts) > 2000
+    prune_counts(counts, 2000)
+    assert len(counts) <= 1000 and min(counts.values()) >= 2
+    with pytest.raises(ValueError, match="max_pieces"):
+        train_tokenizer(texts, 700, max_pieces=0)
+    assert isinstance(counts, Counter)

@@ -359,6 +359,18 @@ class BpeTrainer : public torch::CustomClassHolder {
 
   int64_t num_words() const { return int64_t(started_ ? words_.size() : counts_.size()); }
 
+  // Drop the pre-tokens seen fewer than min_count times (bounds memory on huge corpora);
+  // returns how many distinct pre-tokens remain.
+  int64_t prune(int64_t min_count) {
+    TORCH_CHECK_VALUE(!started_, "BpeTrainer: prune after start()");
+    BytesMap<int64_t> kept(counts_.size() / 2 + 16);
+    counts_.for_each([&](const uint8_t* p, size_t len, uint64_t h, int64_t c) {
+      if (c >= min_count) kept.get_or_insert(p, len, h) = c;
+    });
+    std::swap(counts_, kept);
+    return int64_t(counts_.size());
+  }
+
   // (bytes, offsets, counts) of every distinct pre-token (before start()).
   std::tuple<at::Tensor, at::Tensor, at::Tensor> words() const {
     TORCH_CHECK_VALUE(!started_, "BpeTrainer: words() is only available before start()");
@@ -567,6 +579,7 @@ TORCH_LIBRARY_FRAGMENT(minigpt, m) {
       .def(torch::init<std::string>())
       .def("add_texts", &BpeTrainer::add_texts)
       .def("num_words", &BpeTrainer::num_words)
+      .def("prune", &BpeTrainer::prune)
       .def("words", &BpeTrainer::words)
       .def("start", &BpeTrainer::start)
       .def("train", &BpeTrainer::train)

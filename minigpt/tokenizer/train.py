@@ -51,6 +51,21 @@ def count_words(texts: Iterable[str], pattern: str = "gpt4") -> Counter[bytes]:
     return counts
 
 
+def prune_counts(counts: Counter[bytes], max_pieces: int) -> None:
+    """Keep at most ``max_pieces`` distinct pre-tokens by dropping the rarest, in place.
+
+    Drops every piece seen fewer than 2 times, then 4, 8, ... until at most
+    half of ``max_pieces`` remain (the C++ trainer follows the same rule).
+    Rare pieces barely affect which pairs are most frequent, and pruning keeps
+    memory bounded on corpora with an endless tail of one-off strings.
+    """
+    threshold = 2
+    while len(counts) > max_pieces // 2:
+        for piece in [p for p, c in counts.items() if c < threshold]:
+            del counts[piece]
+        threshold *= 2
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -60,6 +75,7 @@ def train_tokenizer(
     progress: bool = True,
     use_native: bool | None = None,
     num_threads: int | None = None,
+    max_pieces: int = 4_000_000,
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer.
 
@@ -72,6 +88,9 @@ def train_tokenizer(
         progress: show progress bars (characters read, merges learned).
         use_native: use the C++ core (default: when built) or the Python reference.
         num_threads: threads for counting pre-tokens in C++ (default: all cores).
+        max_pieces: memory bound: when more distinct pre-tokens than this are held,
+            the rarest are dropped (see :func:`prune_counts`). Each batch of about
+            4M characters is counted before the check.
 
     Returns:
         the trained :class:`Tokenizer`.
@@ -92,6 +111,8 @@ def train_tokenizer(
         )
     if isinstance(texts, str):
         raise TypeError("texts must be an iterable of documents, not one string")
+    if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 2:
+        raise ValueError(f"max_pieces must be an int >= 2, got {max_pieces!r}")
     if use_native is None:
         use_native = _native.native_available()
     read_bar = tqdm(desc="reading", unit="char", unit_scale=True, disable=not progress)
@@ -100,6 +121,10 @@ def train_tokenizer(
         threads = int(num_threads or os.cpu_count() or 1)
         for batch in _batches(texts, read_bar):
             trainer.add_texts(batch, threads)
+            threshold = 2
+            while trainer.num_words() > max_pieces:
+                while trainer.prune(threshold) > max_pieces // 2:
+                    threshold *= 2
         read_bar.close()
         merges: list[tuple[int, int, int]] = []
         with tqdm(total=num_merges, desc="merges", disable=not progress) as bar:
@@ -117,6 +142,8 @@ def train_tokenizer(
         counts: Counter[bytes] = Counter()
         for batch in _batches(texts, read_bar):
             counts.update(count_words(batch, pattern))
+            if len(counts) > max_pieces:
+                prune_counts(counts, max_pieces)
         read_bar.close()
         with tqdm(total=num_merges, desc="merges", disable=not progress) as bar:
             merges, token_bytes = train_bpe(counts, num_merges, on_merge=lambda n: bar.update(1))
