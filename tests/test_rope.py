@@ -92,6 +92,18 @@ def test_rope_strided_views_of_fused_qkv(backend):
     _check({"q": qt, "k": qt, "cos": cos, "sin": sin}, backend, torch.float32)
 
 
+def test_rope_large_outputs_from_output_pool_are_fully_written():
+    # >= 1 MiB outputs come from recycled blocks holding stale data (output_pool.cpp)
+    inputs = _inputs((2, 64, 16, 4, 128), torch.float32)
+    expected = rope_reference(**inputs)
+    for _ in range(2):
+        q_rot, k_rot = rope(**inputs, backend="cpp")
+        torch.testing.assert_close(q_rot, expected[0])
+        torch.testing.assert_close(k_rot, expected[1])
+        q_rot.fill_(float("nan")), k_rot.fill_(float("nan"))
+        del q_rot, k_rot
+
+
 def test_rope_matches_complex_rotation():
     # independent formula: pair (x[i], x[i + D/2]) is the complex number x[i] + j x[i + D/2],
     # and RoPE multiplies it by exp(j * t * theta^(-2i/D))

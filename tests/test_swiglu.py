@@ -159,3 +159,23 @@ def test_swiglu_property(shape, up_shape_delta, dtype, up_dtype, backend):
         dtype, (2e-3, 2e-3)
     )
     torch.testing.assert_close(y.float(), ref, atol=atol, rtol=rtol)
+
+
+def test_large_outputs_come_from_the_reused_output_pool():
+    # outputs >= 1 MiB are served from csrc/cpu/output_pool.cpp: a recycled block holds
+    # stale data, so results must still match on every call, and freed blocks are cached
+    g, u = random_tensor((1024, 300)), random_tensor((1024, 300))
+    expected = swiglu_reference(g, u)
+    torch.ops.minigpt.cpu_pool_empty_cache()
+    assert torch.ops.minigpt.cpu_pool_cached_bytes() == 0
+    for _ in range(3):
+        y = swiglu(g, u, backend="cpp")
+        torch.testing.assert_close(y, expected)
+        y.fill_(float("nan"))  # poison the block before it returns to the pool
+        del y
+        assert torch.ops.minigpt.cpu_pool_cached_bytes() >= 1024 * 300 * 4
+    y = swiglu(g, u, backend="cpp")
+    y.resize_(4096, 300).fill_(1.0)  # pooled storage stays resizable
+    assert float(y.sum()) == 4096 * 300
+    torch.ops.minigpt.cpu_pool_empty_cache()
+    assert torch.ops.minigpt.cpu_pool_cached_bytes() == 0

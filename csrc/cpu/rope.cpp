@@ -1,7 +1,8 @@
 // csrc/cpu/rope.cpp -- rotary position embedding (RoPE) of queries and keys on the CPU.
 //
 // The math lives in rope_kernel.h; this file checks arguments, allocates
-// outputs, splits tokens across threads and picks the SIMD variant. Registered as
+// outputs (from the output pool, see output_pool.h), splits tokens across
+// threads and picks the SIMD variant. Registered as
 //   torch.ops.minigpt.rope_rotate(q, k, cos, sin, inverse) -> (q_rot, k_rot)
 // with q (B, T, Hq, D) and k (B, T, Hk, D) of one dtype, each head's D values
 // contiguous (other strides are free: q may be a view into a fused QKV tensor),
@@ -11,7 +12,6 @@
 // Shapes for torch.compile come from the fake implementation in
 // minigpt/kernels/rope.py.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -20,6 +20,7 @@
 
 #include "cpu/common.h"
 #include "cpu/isa.h"
+#include "cpu/output_pool.h"
 
 #define MG_KERNEL_FILE "cpu/rope_kernel.h"
 #include "cpu/isa_expand.h"
@@ -53,8 +54,8 @@ std::tuple<at::Tensor, at::Tensor> rope_rotate(const at::Tensor& q, const at::Te
   TORCH_CHECK(cos.scalar_type() == sin.scalar_type() &&
                   (cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat),
               "rope_rotate: cos/sin must have q's dtype or float32");
-  at::Tensor qo = at::empty(q.sizes(), q.options());
-  at::Tensor ko = at::empty(k.sizes(), k.options());
+  at::Tensor qo = pooled_empty(q.sizes(), q.scalar_type());
+  at::Tensor ko = pooled_empty(k.sizes(), k.scalar_type());
   const int64_t tokens = B * T, hq = q.size(2), hk = k.size(2);
   if (tokens == 0 || D == 0 || (hq == 0 && hk == 0)) return {qo, ko};
   const int64_t cos_sb = cos.size(0) == 1 ? 0 : T * half;

@@ -1,7 +1,8 @@
 // csrc/cpu/swiglu.cpp -- SwiGLU activation, silu(gate) * up, on the CPU.
 //
 // The math lives in swiglu_kernel.h; this file checks arguments, allocates
-// outputs, splits the elements across threads and picks the SIMD variant.
+// outputs (from the output pool, see output_pool.h), splits the elements
+// across threads and picks the SIMD variant.
 // Registered as
 //   torch.ops.minigpt.swiglu_fwd(gate, up) -> y
 //   torch.ops.minigpt.swiglu_bwd(dy, gate, up) -> (dgate, dup)
@@ -9,7 +10,6 @@
 // flat array). Shapes for torch.compile come from the fake implementations in
 // minigpt/kernels/swiglu.py.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -18,6 +18,7 @@
 
 #include "cpu/common.h"
 #include "cpu/isa.h"
+#include "cpu/output_pool.h"
 
 #define MG_KERNEL_FILE "cpu/swiglu_kernel.h"
 #include "cpu/isa_expand.h"
@@ -38,7 +39,7 @@ void check_same(const at::Tensor& a, const at::Tensor& ref, const char* name, co
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   check_cpu_contiguous(gate, "gate");
   check_same(up, gate, "up", "swiglu_fwd");
-  at::Tensor y = at::empty_like(gate, at::MemoryFormat::Contiguous);
+  at::Tensor y = pooled_empty(gate.sizes(), gate.scalar_type());
   const int64_t n = gate.numel();
   if (n == 0) return y;
   dispatch_float_types(gate.scalar_type(), "swiglu_fwd", [&]<typename T>() {
@@ -58,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
   check_cpu_contiguous(gate, "gate");
   check_same(up, gate, "up", "swiglu_bwd");
   check_same(dy, gate, "dy", "swiglu_bwd");
-  at::Tensor dg = at::empty_like(gate, at::MemoryFormat::Contiguous);
-  at::Tensor du = at::empty_like(gate, at::MemoryFormat::Contiguous);
+  at::Tensor dg = pooled_empty(gate.sizes(), gate.scalar_type());
+  at::Tensor du = pooled_empty(gate.sizes(), gate.scalar_type());
   const int64_t n = gate.numel();
   if (n == 0) return {dg, du};
   dispatch_float_types(gate.scalar_type(), "swiglu_bwd", [&]<typename T>() {
