@@ -159,9 +159,14 @@ class BpeCore : public torch::CustomClassHolder {
     std::vector<std::vector<int32_t>> results(texts.size());
     const int threads = resolve_threads(num_threads, texts.size());
     std::atomic<size_t> next{0};
-    run_threads(threads, [&](int) {
-      EncodeCache cache;
-      Scratch scratch;
+    run_threads(threads, [&](int t) {
+      // thread 0 reuses the long-lived cache when no other call holds it
+      std::unique_lock<std::mutex> lock(cache_mutex_, std::defer_lock);
+      const bool shared = t == 0 && lock.try_lock();
+      EncodeCache local;
+      Scratch local_scratch;
+      EncodeCache& cache = shared ? cache_ : local;
+      Scratch& scratch = shared ? scratch_ : local_scratch;
       for (size_t i = next++; i < texts.size(); i = next++)
         encode_text(bytes_of(texts[i]), texts[i].size(), results[i], cache, scratch);
     });

@@ -169,7 +169,14 @@ class Tokenizer:
         if not text:
             return []
         if self._core is not None:
-            return self._core.encode(text).tolist()
+            try:
+                return self._core.encode(text).tolist()
+            except RuntimeError:  # a lone surrogate (no UTF-8 form) fails the str cast
+                clean = _valid_utf8(text)
+                if clean is text:
+                    raise
+                return self._core.encode(clean).tolist()
+        text = _valid_utf8(text)
         out: list[int] = []
         cache: dict[str, list[int]] = {}
         for piece in iter_split(text, self.pattern):
@@ -201,7 +208,8 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        text = _valid_utf8(text)
+        if not (add_bos or add_eos or allowed_special):
+            return self._encode_ordinary(text)  # the common case, without copies
         ids: list[int] = []
         if add_bos:
             ids.append(self._require("bos_id"))
@@ -224,7 +232,7 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of strings, not one string")
-        texts = [_valid_utf8(t) if isinstance(t, str) else t for t in texts]
+        texts = list(texts)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
@@ -234,7 +242,13 @@ class Tokenizer:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         if self._core is None or not texts:
             return [self._encode_ordinary(t) for t in texts]
-        flat, offsets = self._core.encode_batch(texts, int(num_threads))
+        try:
+            flat, offsets = self._core.encode_batch(texts, int(num_threads))
+        except RuntimeError:  # a lone surrogate somewhere fails the str cast
+            clean = [_valid_utf8(t) for t in texts]
+            if all(c is t for c, t in zip(clean, texts)):
+                raise
+            flat, offsets = self._core.encode_batch(clean, int(num_threads))
         ids = flat.tolist()
         o = offsets.tolist()
         return [ids[o[i] : o[i + 1]] for i in range(len(texts))]
