@@ -62,10 +62,26 @@ def test_swiglu_saturated_sigmoid(backend):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 7, 2 * 40), (1000, 2 * 33), (1, 2)])
+def test_swiglu_halves_of_fused_projection(dtype, shape):
+    # gate, up = fused.chunk(2, -1) are strided views; the C++ op reads them in place
+    fused = random_tensor(shape, dtype, scale=2.0)
+    check_op(
+        lambda fused: swiglu(*fused.chunk(2, dim=-1), backend="cpp"),
+        lambda fused: swiglu_reference(*fused.chunk(2, dim=-1)),
+        {"fused": fused},
+        grads=("fused",),
+    )
+
+
 def test_swiglu_noncontiguous_inputs():
     g = random_tensor((40, 24)).t()
     u = random_tensor((24, 40))
     torch.testing.assert_close(swiglu(g, u, backend="cpp"), swiglu_reference(g, u))
+    torch.testing.assert_close(swiglu(u, g, backend="cpp"), swiglu_reference(u, g))
+    h = random_tensor((24, 80))[:, ::2]  # last stride 2: copied, still correct
+    torch.testing.assert_close(swiglu(h, u, backend="cpp"), swiglu_reference(h, u))
 
 
 def test_swiglu_empty():

@@ -6,9 +6,10 @@
 // Registered as
 //   torch.ops.minigpt.swiglu_fwd(gate, up) -> y
 //   torch.ops.minigpt.swiglu_bwd(dy, gate, up) -> (dgate, dup)
-// on contiguous tensors of one shape and dtype (any rank: the kernel sees a
-// flat array). Shapes for torch.compile come from the fake implementations in
-// minigpt/kernels/swiglu.py.
+// on tensors of one shape and dtype: contiguous (any rank: the kernel sees a
+// flat array), or 2-D (rows, n) views with a unit last stride, such as the two
+// halves of a fused gate/up projection. Outputs are contiguous. Shapes for
+// torch.compile come from the fake implementations in minigpt/kernels/swiglu.py.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -30,25 +31,56 @@ namespace {
 // multiple of 64 so every task but the last starts on a cache-line boundary.
 constexpr int64_t kGrain = 1 << 15;
 
-void check_same(const at::Tensor& a, const at::Tensor& ref, const char* name, const char* op) {
-  check_cpu_contiguous(a, name);
-  TORCH_CHECK(a.sizes() == ref.sizes() && a.scalar_type() == ref.scalar_type(), op, ": ", name,
+// How the kernel walks an input: `rows` rows of `n` contiguous elements,
+// `stride` elements apart. A contiguous tensor is one row of numel elements; a
+// 2-D view with a unit last stride (e.g. gate = fused[:, :H] of a fused
+// gate/up projection) is read in place, without a copy.
+struct Rows {
+  int64_t rows, n, stride;
+};
+
+Rows rows_of(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  if (t.is_contiguous()) return {1, t.numel(), t.numel()};
+  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, op, ": ", name,
+              " must be contiguous or a 2-D view with unit last stride");
+  return {t.size(0), t.size(1), t.stride(0)};
+}
+
+void check_match(const at::Tensor& a, const at::Tensor& gate, const char* name, const char* op) {
+  TORCH_CHECK(a.sizes() == gate.sizes() && a.scalar_type() == gate.scalar_type(), op, ": ", name,
               " must match gate in shape and dtype");
 }
 
+// Run body(row_begin, row_end, elem_begin, elem_end) over all elements: split by
+// elements when there is one row, by rows otherwise.
+template <typename Body>
+void for_each_span(const Rows& r, const Body& body) {
+  if (r.rows == 1) {
+    at::parallel_for(0, r.n, kGrain, [&](int64_t b, int64_t e) { body(0, 1, b, e); });
+  } else {
+    at::parallel_for(0, r.rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(r.n, 1)),
+                     [&](int64_t b, int64_t e) { body(b, e, 0, r.n); });
+  }
+}
+
 at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
-  check_cpu_contiguous(gate, "gate");
-  check_same(up, gate, "up", "swiglu_fwd");
+  check_match(up, gate, "up", "swiglu_fwd");
+  Rows rg = rows_of(gate, "gate", "swiglu_fwd"), ru = rows_of(up, "up", "swiglu_fwd");
+  if (rg.rows != ru.rows) {  // one is contiguous, the other a strided view: walk both by rows
+    rg = {gate.size(0), gate.size(1), gate.stride(0)};
+    ru = {up.size(0), up.size(1), up.stride(0)};
+  }
   at::Tensor y = pooled_empty(gate.sizes(), gate.scalar_type());
-  const int64_t n = gate.numel();
-  if (n == 0) return y;
+  if (gate.numel() == 0) return y;
   dispatch_float_types(gate.scalar_type(), "swiglu_fwd", [&]<typename T>() {
     auto kernel = MG_ISA_CALL(swiglu_fwd_span<T>);
     const T* gp = ptr<const T>(gate);
     const T* up_ = ptr<const T>(up);
     T* yp = ptr<T>(y);
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      kernel(gp + b, up_ + b, yp + b, e - b);
+    for_each_span(rg, [&](int64_t r0, int64_t r1, int64_t b, int64_t e) {
+      for (int64_t r = r0; r < r1; ++r)
+        kernel(gp + r * rg.stride + b, up_ + r * ru.stride + b, yp + r * rg.n + b, e - b);
     });
   });
   return y;
@@ -56,13 +88,17 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
 
 std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Tensor& gate,
                                               const at::Tensor& up) {
-  check_cpu_contiguous(gate, "gate");
-  check_same(up, gate, "up", "swiglu_bwd");
-  check_same(dy, gate, "dy", "swiglu_bwd");
+  check_match(up, gate, "up", "swiglu_bwd");
+  check_match(dy, gate, "dy", "swiglu_bwd");
+  check_cpu_contiguous(dy, "dy");
+  Rows rg = rows_of(gate, "gate", "swiglu_bwd"), ru = rows_of(up, "up", "swiglu_bwd");
+  if (rg.rows != ru.rows) {
+    rg = {gate.size(0), gate.size(1), gate.stride(0)};
+    ru = {up.size(0), up.size(1), up.stride(0)};
+  }
   at::Tensor dg = pooled_empty(gate.sizes(), gate.scalar_type());
   at::Tensor du = pooled_empty(gate.sizes(), gate.scalar_type());
-  const int64_t n = gate.numel();
-  if (n == 0) return {dg, du};
+  if (gate.numel() == 0) return {dg, du};
   dispatch_float_types(gate.scalar_type(), "swiglu_bwd", [&]<typename T>() {
     auto kernel = MG_ISA_CALL(swiglu_bwd_span<T>);
     const T* dyp = ptr<const T>(dy);
@@ -70,8 +106,11 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
     const T* up_ = ptr<const T>(up);
     T* dgp = ptr<T>(dg);
     T* dup = ptr<T>(du);
-    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      kernel(dyp + b, gp + b, up_ + b, dgp + b, dup + b, e - b);
+    for_each_span(rg, [&](int64_t r0, int64_t r1, int64_t b, int64_t e) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t o = r * rg.n + b;  // outputs and dy are contiguous
+        kernel(dyp + o, gp + r * rg.stride + b, up_ + r * ru.stride + b, dgp + o, dup + o, e - b);
+      }
     });
   });
   return {dg, du};

@@ -43,7 +43,7 @@ class _SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, dy):  # type: ignore[override]
         gate, up = ctx.saved_tensors
         _, bwd = _kernels(ctx.backend)
-        dgate, dup = bwd(dy.contiguous(), gate, up)
+        dgate, dup = bwd(dy.contiguous().view(gate.shape), gate, up)
         return dgate, dup, None
 
 
@@ -55,6 +55,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     Args:
         gate: float32/bfloat16/float16 tensor of any shape (the SiLU input).
         up: tensor of the same shape, dtype and device (the gated value).
+            Both may be views with a unit last stride, e.g. the two halves
+            ``fused.chunk(2, dim=-1)`` of one fused gate/up projection: the C++
+            kernel reads them in place.
         backend: ``"torch"``, ``"cpp"`` or ``"triton"`` to override the default.
 
     Returns:
@@ -78,8 +81,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
     chosen = select_backend("swiglu", gate.device, backend)
     if chosen == "torch":
         return swiglu_reference(gate, up)
-    y = _SwiGLUFunction.apply(gate.contiguous(), up.contiguous(), chosen)
-    return y
+    if chosen == "cpp" and not (gate.is_contiguous() and up.is_contiguous()) and gate.dim() >= 1:
+        # Views such as the halves of a fused gate/up projection, fused[..., :H] and
+        # fused[..., H:], are read in place as (rows, H) with a row stride: no copy.
+        n = gate.shape[-1]
+        g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
+        g2 = g2 if g2.stride(-1) == 1 else g2.contiguous()
+        u2 = u2 if u2.stride(-1) == 1 else u2.contiguous()
+        return _SwiGLUFunction.apply(g2, u2, chosen).view(gate.shape)
+    return _SwiGLUFunction.apply(gate.contiguous(), up.contiguous(), chosen)
 
 
 if cpp_available():
