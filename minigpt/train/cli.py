@@ -1,0 +1,95 @@
+"""``minigpt train``: pretrain a GPT (no arguments = the 10-minute main job).
+
+Examples::
+
+    minigpt train                                   # tokenizer + model on Shakespeare, 10 min
+    minigpt train --config configs/pretrain_nano.yaml --out runs/nano
+    minigpt train --set optim.lr=1e-3 --set model.n_layer=6 --time-budget 5
+    minigpt train --out runs/nano --resume          # continue the newest checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from minigpt.train.checkpoint import CheckpointError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``minigpt train``."""
+    parser.add_argument("--config", type=Path, help="YAML config (sections: data, model, ...)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint (default: the newest one in --out)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="wall-time budget of the whole job (same as --set budget_minutes=...)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this many optimizer steps (0 = no limit; same as train.max_steps)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_config(args: argparse.Namespace):
+    """The resolved :class:`PretrainConfig` of the command line."""
+    from minigpt.train.config import load_config
+    from minigpt.train.pretrain import PretrainConfig, build_model_config
+
+    config_path = args.config
+    if config_path is None and args.resume is not None and args.out is not None:
+        saved = args.out / "config.yaml"  # a resumed run keeps its own config
+        config_path = saved if saved.is_file() else None
+    overrides = list(args.overrides)
+    if args.time_budget is not None:
+        overrides.append(f"budget_minutes={args.time_budget}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    cfg = load_config(PretrainConfig, config_path, overrides)
+    build_model_config(cfg.model, cfg.data.vocab_size)  # unknown model keys fail here, early
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``minigpt train``; returns the exit code."""
+    from minigpt.train.pretrain import pretrain
+
+    try:
+        cfg = build_config(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"minigpt train: error: {e}")
+        return 2
+    if args.resume is not None and args.out is None and not args.resume:
+        print("minigpt train: error: --resume without a path needs --out RUN_DIR")
+        return 2
+    out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    resume = None
+    if args.resume is not None:
+        resume = Path(args.resume) if args.resume else out
+    try:
+        pretrain(cfg, out, resume=resume)
+    except CheckpointError as e:
+        print(f"minigpt train: error: {e}")
+        return 2
+    return 0
