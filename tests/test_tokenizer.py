@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -227,7 +228,16 @@ def test_encode_decode_bad_input(tok):
         tok.decode([-1])
     with pytest.raises(TypeError, match="ints"):
         tok.decode([1.5])
+    with pytest.raises(TypeError, match="ints"):
+        tok.decode([True])
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([2**70])
+    with pytest.raises(TypeError, match="ints"):
+        tok.decode(torch.tensor([1.0]))
     assert tok.decode(torch.tensor([72, 105])) == "Hi"
+    assert tok.decode(np.array([72, 105], dtype=np.uint16)) == "Hi"
+    assert tok.decode(i for i in [72, 105]) == "Hi"
+    assert tok.decode([]) == ""
 
 
 # --------------------------------------------------------------- special tokens

@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import regex
 import torch
 
@@ -256,9 +257,28 @@ class Tokenizer:
     # ---------------------------------------------------------------- decode
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         """Ids -> the raw bytes they stand for (specials as their text)."""
-        ids = _check_ids(ids, self.vocab_size)
         if self._core is not None:
-            return self._core.decode(torch.tensor(ids, dtype=torch.int64)).numpy().tobytes()
+            # the C++ side checks the range; here only that the ids are integers
+            if isinstance(ids, np.ndarray):
+                ids = (
+                    torch.from_numpy(np.asarray(ids, dtype=np.int64))
+                    if ids.dtype.kind in "iu"
+                    else ids.tolist()
+                )
+            if not isinstance(ids, torch.Tensor):
+                ids = list(ids)
+                if not ids:
+                    return b""
+            try:
+                t = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                t = None
+            if t is None or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+                _check_ids(ids, self.vocab_size)  # raises the precise error
+                raise TypeError("token ids must be ints")
+            flat = t.reshape(-1).to(torch.int64)
+            return self._core.decode(flat).numpy().tobytes()
+        ids = _check_ids(ids, self.vocab_size)
         return b"".join(self._all_bytes[i] for i in ids)
 
     def decode(self, ids: Iterable[int]) -> str:
