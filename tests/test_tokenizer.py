@@ -418,3 +418,15 @@ def test_max_pieces_bounds_memory_identically():
     with pytest.raises(ValueError, match="max_pieces"):
         train_tokenizer(texts, 700, max_pieces=0)
     assert isinstance(counts, Counter)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize(
+    "lang,name", [("en", n) for n in EN_CORPORA] + [("zh", n) for n in ZH_CORPORA]
+)
+def test_pretokenize_cpp_matches_regex_full_corpora(lang, name, pattern):
+    from tests.tokenizer_testing import corpus_text
+
+    text = corpus_text(lang, name)
+    assert native_split(text, pattern) == split_text(text, pattern)
