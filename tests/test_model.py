@@ -159,3 +159,18 @@ def test_save_load_roundtrip_and_errors(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "n_embd": 3}))
     with pytest.raises(ValueError, match="n_embd"):
         load_model(tmp_path / "m")
+
+
+def test_bf16_autocast_training_step():
+    # the trainer runs forward/backward under autocast: sub-layers return bf16 while
+    # the residual stream and the parameters stay float32
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 61, (2, 12))
+    reference = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)
+        assert model(idx).dtype == torch.bfloat16
+    loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, atol=0.05, rtol=0.02)  # bf16 matmuls
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())

@@ -98,8 +98,10 @@ class Block(nn.Module):
         if delta is None:  # first layer: nothing pending
             x = self.attn_norm(h)
         else:
-            x, h = self.attn_norm(delta, h)
-        x, h = self.mlp_norm(self.attn(x, rope, cache), h)
+            x, h = self.attn_norm(delta.to(h.dtype), h)
+        # under autocast the sub-layers return bf16/fp16 while the residual stream
+        # stays in the parameters' dtype (float32): add in the stream's precision
+        x, h = self.mlp_norm(self.attn(x, rope, cache).to(h.dtype), h)
         return h, self.mlp(x)
 
 
@@ -209,7 +211,7 @@ class GPT(nn.Module):
             kv_cache.seqlens += idx.shape[1]
         if delta is None:  # n_layer == 0 cannot happen, but keep the code honest
             return self.final_norm(h)
-        x, _ = self.final_norm(delta, h)
+        x, _ = self.final_norm(delta.to(h.dtype), h)
         return x
 
     def forward(
@@ -239,5 +241,9 @@ class GPT(nn.Module):
             )
         flat_x, flat_t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
         if linear_cross_entropy is not None:  # fused and chunked: no (N, vocab) logits
-            return linear_cross_entropy(flat_x, self.lm_head.weight, flat_t, ignore_index=-100)
+            weight = self.lm_head.weight
+            if torch.is_autocast_enabled(flat_x.device.type):  # what F.linear would do
+                low = torch.get_autocast_dtype(flat_x.device.type)
+                flat_x, weight = flat_x.to(low), weight.to(low)
+            return linear_cross_entropy(flat_x, weight, flat_t, ignore_index=-100)
         return F.cross_entropy(self.lm_head(flat_x).float(), flat_t, ignore_index=-100)
