@@ -18,6 +18,7 @@
 
 #include "cpu/common.h"
 #include "cpu/isa.h"
+#include "cpu/output_pool.h"
 
 #define MG_KERNEL_FILE "cpu/rms_norm_kernel.h"
 #include "cpu/isa_expand.h"
@@ -46,8 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
                 "rms_norm_fwd: residual must match x in shape and dtype");
   }
   const int64_t rows = x.size(0), n = x.size(1);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor h = has_res ? at::empty_like(x) : at::empty({0}, x.options());
+  // Large outputs come from the output pool: no fresh page faults every step.
+  at::Tensor y = pooled_empty(x.sizes(), x.scalar_type());
+  at::Tensor h = has_res ? pooled_empty(x.sizes(), x.scalar_type()) : at::empty({0}, x.options());
   at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
   if (rows == 0 || n == 0) return {y, h, rstd};
   dispatch_float_types(x.scalar_type(), "rms_norm_fwd", [&]<typename T>() {
@@ -89,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
                 "rms_norm_bwd: dh_extra must match h in shape and dtype");
   }
   const int64_t rows = h.size(0), n = h.size(1);
-  at::Tensor dh = at::empty_like(h);
+  at::Tensor dh = pooled_empty(h.sizes(), h.scalar_type());
   // Each thread sums its rows' weight gradient into its own float32 row, so no
   // atomics are needed; the rows are added at the end.
   const int64_t nthreads = at::get_num_threads();
