@@ -117,6 +117,19 @@ def test_attention_cpp_every_isa(cfg, dtype, isa):
         _check_attention(cfg, dtype, "cpp")
 
 
+@pytest.mark.parametrize(
+    "cfg", [(2, 33, 33, 4, 2, 64, True, None), (1, 19, 40, 2, 1, 80, False, 9)], ids=str
+)
+def test_attention_bf16_vec_path(cfg):
+    """On CPUs with AVX512_BF16, bf16 uses vdpbf16ps kernels; check the plain AVX-512
+    (Vec) path that other CPUs take, by switching the dot-product kernels off."""
+    previous = torch.ops.minigpt.attention_set_bf16_dot(False)
+    try:
+        _check_attention(cfg, torch.bfloat16, "cpp")
+    finally:
+        torch.ops.minigpt.attention_set_bf16_dot(previous)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_attention_cpp_long(dtype):

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <immintrin.h>
@@ -126,6 +127,111 @@ void pack_keys(const at::Tensor& src, const AttnShape& sh, float* transposed, in
         std::fill(transposed + (h * dp + dd) * ld + total, transposed + (h * dp + dd + 1) * ld, 0.0f);
 }
 
+// ---- AVX512-BF16 path ----------------------------------------------------------------------
+
+bool cpu_has_avx512_bf16() {
+#if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+// Tests switch the bf16 dot-product kernels off to exercise the Vec path on this CPU too.
+std::atomic<bool>& bf16_dot_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+bool use_bf16_dot(at::ScalarType st) {
+  return st == at::kBFloat16 && active_isa() == Isa::AVX512 && cpu_has_avx512_bf16() &&
+         bf16_dot_enabled().load();
+}
+
+bool attention_set_bf16_dot(bool enable) { return bf16_dot_enabled().exchange(enable); }
+
+// Key/value packings for the vdpbf16ps kernels (raw bf16 bits, no rounding):
+//   ktp [hkv][dp/2][ld][2]      keys pair-transposed: lane = key, pair = two head dims
+//   vpi [hkv][npairs][dp][2]    values pair-interleaved: lane = head dim, pair = two keys;
+//                               each sequence starts on a pair (pair_start), padding is 0
+void pack_keys_bf16(const at::Tensor& k, const AttnShape& sh, int64_t ld, uint16_t* ktp) {
+  const int64_t total = k.size(0), hkv = sh.hkv, d = sh.d, dp = sh.dp;
+  const uint16_t* src = ptr<const uint16_t>(k);
+  at::parallel_for(0, hkv * (dp / 2), 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t h = t / (dp / 2), d2 = t % (dp / 2), dd = 2 * d2;
+      uint16_t* dst = ktp + t * ld * 2;
+      for (int64_t j = 0; j < total; ++j) {
+        const uint16_t* row = src + (j * hkv + h) * d;
+        dst[2 * j] = dd < d ? row[dd] : 0;
+        dst[2 * j + 1] = dd + 1 < d ? row[dd + 1] : 0;
+      }
+    }
+  });
+}
+
+void pack_values_bf16(const at::Tensor& v, const AttnShape& sh, const SeqTable& seqs,
+                      const std::vector<int64_t>& pair_start, int64_t npairs, uint16_t* vpi) {
+  const int64_t hkv = sh.hkv, d = sh.d, dp = sh.dp;
+  const uint16_t* src = ptr<const uint16_t>(v);
+  at::parallel_for(0, hkv * seqs.count(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t h = t / seqs.count(), sq = t % seqs.count();
+      for (int64_t j = 0; j < seqs.k_len[sq]; ++j) {
+        const int64_t slot = pair_start[sq] + j;
+        uint16_t* dst = vpi + ((h * npairs + slot / 2) * dp) * 2 + (slot & 1);
+        const uint16_t* row = src + ((seqs.k_start[sq] + j) * hkv + h) * d;
+        for (int64_t c = 0; c < d; ++c) dst[2 * c] = row[c];
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_bf16(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, const AttnShape& sh,
+                                                      const SeqTable& seqs, at::Tensor out, at::Tensor lse) {
+  const int64_t total_k = k.size(0), dp = sh.dp, group = sh.hq / sh.hkv;
+  const int64_t ld = total_k + kAttnBlockK;
+  std::vector<uint16_t> ktp(size_t(sh.hkv * dp * ld));  // zero-initialized: padding is 0
+  std::vector<int64_t> pair_start(size_t(seqs.count()));
+  int64_t slots = 0;
+  for (int64_t b = 0; b < seqs.count(); ++b) {
+    pair_start[b] = slots;
+    slots += (seqs.k_len[b] + 1) / 2 * 2;
+  }
+  const int64_t npairs = slots / 2 + 1;
+  std::vector<uint16_t> vpi(size_t(sh.hkv * npairs * dp * 2));
+  pack_keys_bf16(k, sh, ld, ktp.data());
+  pack_values_bf16(v, sh, seqs, pair_start, npairs, vpi.data());
+  std::vector<int64_t> units;
+  for (int64_t b = 0; b < seqs.count(); ++b)
+    for (int64_t h = 0; h < sh.hq; ++h)
+      for (int64_t i0 = 0; i0 < seqs.q_len[b]; i0 += kAttnBlockQ) units.insert(units.end(), {b, h, i0});
+  const int64_t n_units = int64_t(units.size() / 3), qs = sh.hq * sh.d;
+  const BF16* qp = ptr<const BF16>(q);
+  BF16* op = ptr<BF16>(out);
+  float* lp = ptr<float>(lse);
+  at::parallel_for(0, n_units, 1, [&](int64_t ub, int64_t ue) {
+    std::vector<float> work(static_cast<size_t>(2 * kAttnBlockQ * dp + 2 * kAttnBlockQ * kAttnBlockK + 2 * kAttnBlockQ));
+    for (int64_t u = ub; u < ue; ++u) {
+      const int64_t b = units[3 * u], h = units[3 * u + 1], i0 = units[3 * u + 2];
+      const int64_t kvh = h / group;
+      const int64_t rows = std::min<int64_t>(kAttnBlockQ, seqs.q_len[b] - i0);
+      const int64_t tok = seqs.q_start[b] + i0;
+      avx512::attn_fwd_block_bf16(sh, qp + tok * qs + h * sh.d, qs, op + tok * qs + h * sh.d, qs,
+                                  lp + tok * sh.hq + h, sh.hq, rows, i0, seqs.q_len[b],
+                                  ktp.data() + kvh * dp * ld + 2 * seqs.k_start[b],
+                                  ld, vpi.data() + (kvh * npairs + pair_start[b] / 2) * dp * 2,
+                                  seqs.k_len[b], work.data());
+    }
+  });
+  return {out, lse};
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, const at::Tensor& cu_q,
                                                  const at::Tensor& cu_k, double scale, bool causal,
@@ -138,6 +244,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   lse.fill_(-INFINITY);
   const int64_t total_k = k.size(0), dp = sh.dp, group = sh.hq / sh.hkv;
   if (q.size(0) == 0 || seqs.count() == 0) return {out, lse};
+  if (use_bf16_dot(q.scalar_type())) return attention_fwd_bf16(q, k, v, sh, seqs, out, lse);
   const int64_t ld = total_k + kAttnBlockK;
   std::vector<float> kt(size_t(sh.hkv * dp * ld)), vp(size_t(sh.hkv * total_k * dp));
   // work units: (sequence, head, query block)
@@ -305,6 +412,8 @@ TORCH_LIBRARY_FRAGMENT(minigpt, m) {
   m.def(
       "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, float scale, bool causal, int window) -> (Tensor, Tensor, Tensor)");
+  // no tensor arguments, so a catch-all kernel; returns the previous setting
+  m.def("attention_set_bf16_dot(bool enable) -> bool", &minigpt::cpu::attention_set_bf16_dot);
   m.def(
       "attention_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, "
       "Tensor? k_new, Tensor? v_new, float scale, bool causal) -> Tensor");

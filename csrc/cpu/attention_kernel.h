@@ -455,3 +455,176 @@ void attn_decode_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int6
       finish_row(O + r * dp, m[r], l[r], d, out + g * d + t * q_stride, nullptr);
     }
 }
+
+// ---- AVX512-BF16 forward (bf16 inputs) ---------------------------------------------------
+//
+// `vdpbf16ps` multiplies pairs of bf16 numbers and adds both products to a float32 lane:
+// twice the multiply-adds of an fp32 FMA per instruction, with exact products and
+// float32 accumulation. Operands are laid out so that each 32-bit lane holds a pair
+// along the reduction dimension:
+//   scores  S[i, j] = sum_d Q[i, d] K[j, d]: keys pair-transposed, ktp[d/2][j][2]
+//   output  O[i, c] += sum_j P[i, j] V[j, c]: values pair-interleaved, vpi[j/2][c][2]
+// P is rounded to bf16 before the second product (as GPU flash attention does).
+// Only compiled into the AVX-512 variant and only called after a run-time check
+// that the CPU has AVX512_BF16 (attention.cpp).
+#if defined(MG_ISA_AVX512)
+#define MG_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")))
+
+template <int MR>
+MG_BF16_TARGET inline void qk_tile_bf16(const uint16_t* A, int64_t lda, const uint16_t* Bp,
+                                        int64_t ldbp, int64_t dp, float* C, int64_t ldc) {
+  __m512 acc[MR][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t d2 = 0; d2 < dp / 2; ++d2) {
+    const uint16_t* b = Bp + d2 * ldbp;
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32),
+                   b2 = (__m512bh)_mm512_loadu_si512(b + 64), b3 = (__m512bh)_mm512_loadu_si512(b + 96);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      __builtin_memcpy(&pair, A + r * lda + 2 * d2, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(C + r * ldc + c * 16, acc[r][c]);
+}
+
+// S[rows x 64] = A[rows x dp] (bf16 rows) @ keys (pair-transposed, 2 * ld elements per d pair)
+MG_BF16_TARGET inline void qk_block_bf16(const uint16_t* A, int64_t lda, const uint16_t* Bp,
+                                         int64_t ldbp, int64_t dp, int64_t rows, float* S) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) qk_tile_bf16<6>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK);
+  switch (rows - r) {
+    case 5: qk_tile_bf16<5>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 4: qk_tile_bf16<4>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 3: qk_tile_bf16<3>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 2: qk_tile_bf16<2>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 1: qk_tile_bf16<1>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    default: break;
+  }
+}
+
+// C[MR x NV*16] += P[MR x inner] (bf16 rows, zero past `inner`) @ B (pair-interleaved rows)
+template <int MR, int NV>
+MG_BF16_TARGET inline void pv_tile_bf16(float* C, int64_t ldc, const uint16_t* P, int64_t ldp,
+                                        int64_t pairs, const uint16_t* Bp, int64_t ldbp) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(C + r * ldc + c * 16);
+  for (int64_t k2 = 0; k2 < pairs; ++k2) {
+    const uint16_t* b = Bp + k2 * ldbp;
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) bv[c] = (__m512bh)_mm512_loadu_si512(b + c * 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      __builtin_memcpy(&pair, P + r * ldp + 2 * k2, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, bv[c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(C + r * ldc + c * 16, acc[r][c]);
+}
+
+template <int NV>
+MG_BF16_TARGET inline void pv_rows_bf16(float* C, int64_t ldc, const uint16_t* P, int64_t ldp,
+                                        int64_t rows, int64_t pairs, const uint16_t* Bp, int64_t ldbp) {
+  int64_t r = 0;
+  for (; r + 6 <= rows; r += 6) pv_tile_bf16<6, NV>(C + r * ldc, ldc, P + r * ldp, ldp, pairs, Bp, ldbp);
+  switch (rows - r) {
+    case 5: pv_tile_bf16<5, NV>(C + r * ldc, ldc, P + r * ldp, ldp, pairs, Bp, ldbp); break;
+    case 4: pv_tile_bf16<4, NV>(C + r * ldc, ldc, P + r * ldp, ldp, pairs, Bp, ldbp); break;
+    case 3: pv_tile_bf16<3, NV>(C + r * ldc, ldc, P + r * ldp, ldp, pairs, Bp, ldbp); break;
+    case 2: pv_tile_bf16<2, NV>(C + r * ldc, ldc, P + r * ldp, ldp, pairs, Bp, ldbp); break;
+    case 1: pv_tile_bf16<1, NV>(C + r * ldc, ldc, P + r * ldp, ldp, pairs, Bp, ldbp); break;
+    default: break;
+  }
+}
+
+// C[rows x dp] += P[rows x inner] @ B; B pair-interleaved with 2 * dp elements per key pair.
+MG_BF16_TARGET inline void pv_block_bf16(float* C, int64_t ldc, const uint16_t* P, int64_t ldp,
+                                         int64_t rows, int64_t inner, const uint16_t* Bp, int64_t dp) {
+  if (rows <= 0 || inner <= 0) return;
+  const int64_t pairs = (inner + 1) / 2, ldbp = 2 * dp;
+  for (int64_t c0 = 0; c0 < dp; c0 += 64) {
+    switch (mg_min(4, (dp - c0) / 16)) {
+      case 4: pv_rows_bf16<4>(C + c0, ldc, P, ldp, rows, pairs, Bp + 2 * c0, ldbp); break;
+      case 3: pv_rows_bf16<3>(C + c0, ldc, P, ldp, rows, pairs, Bp + 2 * c0, ldbp); break;
+      case 2: pv_rows_bf16<2>(C + c0, ldc, P, ldp, rows, pairs, Bp + 2 * c0, ldbp); break;
+      default: pv_rows_bf16<1>(C + c0, ldc, P, ldp, rows, pairs, Bp + 2 * c0, ldbp); break;
+    }
+  }
+}
+
+// Forward of one (sequence, query head, query block) for bf16 inputs with AVX512_BF16.
+// ktp: this kv head's pair-transposed keys at the sequence's first key (2 * kt_ld
+// elements per d pair); vpi: pair-interleaved values at the sequence's first key
+// (which starts a pair). work: floats as attn_fwd_block, plus bf16 Q and P tiles.
+MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int64_t q_stride, BF16* out,
+                                        int64_t o_stride, float* lse, int64_t lse_stride, int64_t rows,
+                                        int64_t i0, int64_t q_len, const uint16_t* ktp, int64_t kt_ld,
+                                        const uint16_t* vpi, int64_t k_len, float* work) {
+  const int64_t dp = sh.dp, d = sh.d;
+  float* O = work;
+  float* S = O + kAttnBlockQ * dp;
+  float* m = S + kAttnBlockQ * kAttnBlockK;
+  float* l = m + kAttnBlockQ;
+  uint16_t* Qb = reinterpret_cast<uint16_t*>(l + kAttnBlockQ);  // [rows][dp]
+  uint16_t* Pb = Qb + kAttnBlockQ * dp;                            // [rows][64]
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(q + i * q_stride);
+    uint16_t* dst = Qb + i * dp;
+    for (int64_t dd = 0; dd < d; ++dd) dst[dd] = src[dd];
+    for (int64_t dd = d; dd < dp; ++dd) dst[dd] = 0;
+    m[i] = kNegInf;
+    l[i] = 0.0f;
+  }
+  for (int64_t i = 0; i < rows * dp; ++i) O[i] = 0.0f;
+  const int64_t shift = k_len - q_len;
+  int64_t lo_first, hi_first, lo_last, hi_last;
+  attn_visible_keys(sh, i0 + shift, k_len, &lo_first, &hi_first);
+  attn_visible_keys(sh, i0 + rows - 1 + shift, k_len, &lo_last, &hi_last);
+  const int64_t k_begin = lo_first & ~int64_t(1), k_end = hi_last;  // blocks start on a key pair
+  const __m512 vscale = _mm512_set1_ps(sh.scale);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kAttnBlockK) {
+    const int64_t n = mg_min(kAttnBlockK, k_end - k0);
+    qk_block_bf16(Qb, dp, ktp + 2 * k0, 2 * kt_ld, dp, rows, S);
+    const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
+    for (int64_t i = 0; i < rows; ++i) {
+      float* s = S + i * kAttnBlockK;
+      for (int j = 0; j < kAttnBlockK; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+      if (!full) {
+        int64_t lo, hi;
+        attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
+        mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
+      }
+    }
+    online_softmax(S, rows, m, l, O, dp);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int j = 0; j < kAttnBlockK; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + i * kAttnBlockK + j),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(S + i * kAttnBlockK + j)));
+    pv_block_bf16(O, dp, Pb, kAttnBlockK, rows, n, vpi + k0 * dp, dp);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    finish_row(O + i * dp, m[i], l[i], d, out + i * o_stride, lse ? lse + i * lse_stride : nullptr);
+}
+#endif  // MG_ISA_AVX512
