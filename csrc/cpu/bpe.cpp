@@ -3,9 +3,10 @@
 // Two TorchScript custom classes (reachable from Python as torch.classes.minigpt.*):
 //   BpeCore(pattern, byte_ids[256], merges[M,3], token_bytes uint8, token_offsets[V+1])
 //       .encode(text) -> int64 ids; .encode_batch(texts, threads) -> (flat ids, offsets)
-//       .decode(ids) -> uint8 bytes
+//       .decode(ids) -> uint8 bytes; .clear_cache()
 //   BpeTrainer(pattern)
 //       .add_texts(texts, threads)  count pre-tokens (streaming: only the counts are kept)
+//       .prune(min_count)           drop rare pre-tokens (bounds memory)
 //       .start(); .train(n) -> next n merges [k,3]; .token_bytes() -> (uint8, offsets)
 // and one op, torch.ops.minigpt.bpe_pretokenize(text, pattern) -> piece end offsets,
 // which the tests compare with the Python regex split.
