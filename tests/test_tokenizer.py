@@ -421,12 +421,13 @@ def test_max_pieces_bounds_memory_identically():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pattern", sorted(PATTERNS))
 @pytest.mark.parametrize(
     "lang,name", [("en", n) for n in EN_CORPORA] + [("zh", n) for n in ZH_CORPORA]
 )
-def test_pretokenize_cpp_matches_regex_full_corpora(lang, name, pattern):
+def test_pretokenize_cpp_matches_regex_full_corpora(lang, name):
+    # the default pattern only: the gpt2 one is covered in full on English by the
+    # tiktoken parity test, and on slices of every corpus by the fast tests
     from tests.tokenizer_testing import corpus_text
 
     text = corpus_text(lang, name)
-    assert native_split(text, pattern) == split_text(text, pattern)
+    assert native_split(text, "gpt4") == split_text(text, "gpt4")
