@@ -148,3 +148,19 @@ def test_smollm2_gguf_logits_match_transformers():
     # fp32, 30 layers: summation-order differences only
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-4)
     assert (got[0].argmax(-1) == ref[0].argmax(-1)).all()
+
+
+def test_import_mistral_style_config(tmp_path):
+    model = tiny_llama()
+    export_hf(model, None, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(model_type="mistral", sliding_window=16)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    imported = import_hf(tmp_path)
+    assert imported.config.max_seq_len == 16  # full attention only inside the window
+    idx = torch.randint(0, 67, (1, 16))
+    torch.testing.assert_close(imported(idx), model(idx), atol=0, rtol=0)
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="RoPE scaling"):
+        import_hf(tmp_path)

@@ -167,7 +167,10 @@ def config_from_hf(hf: dict) -> GPTConfig:
         d_model=hf["hidden_size"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
         ffn_hidden=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
+        # within a sliding window attention is full, so cap the context there
+        max_seq_len=min(
+            hf.get("max_position_embeddings", 2048), hf.get("sliding_window") or 1 << 30
+        ),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
