@@ -431,3 +431,29 @@ def test_pretokenize_cpp_matches_regex_full_corpora(lang, name):
 
     text = corpus_text(lang, name)
     assert native_split(text, "gpt4") == split_text(text, "gpt4")
+
+
+# ------------------------------------------------------------ cl100k parity
+def test_gpt4_pattern_reproduces_cl100k():
+    """Our "gpt4" pre-split + cl100k_base's ranks give tiktoken's cl100k ids."""
+    import tiktoken
+
+    from tests.tokenizer_testing import TIKTOKEN_CACHE
+
+    tiktoken_gpt2()  # points tiktoken at the offline cache
+    cl100k = tiktoken.get_encoding("cl100k_base")
+    ranks_file = TIKTOKEN_CACHE / "9b5ad71b2ce5302211f9c61530b329a4922fc6a4"
+    tok = Tokenizer.from_tiktoken_file(ranks_file)
+    assert len(tok.token_bytes) == 100256 and tok.special_tokens == {}
+    for lang, name in [("en", "sotu"), ("en", "fortunes"), ("zh", "poetry"), ("zh", "fortunes")]:
+        text = corpus_slice(lang, name, 40_000, start=20_000) + TRICKY
+        assert tok.encode(text) == cl100k.encode_ordinary(text)
+
+
+def test_tiktoken_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.from_tiktoken_file(tmp_path / "none.tiktoken")
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("QQ== 0\nnot-a-line\n")
+    with pytest.raises(ValueError, match="bad.tiktoken:2"):
+        Tokenizer.from_tiktoken_file(bad)

@@ -157,3 +157,47 @@ def export_hf(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
     return out
+
+
+def load_tiktoken_file(
+    cls: type[Tokenizer],
+    path: str | os.PathLike,
+    *,
+    pattern: str = "gpt4",
+    special_tokens: dict[str, int] | None = None,
+    use_native: bool | None = None,
+) -> Tokenizer:
+    """Build a tokenizer from a tiktoken ``.tiktoken`` file (``base64(token) rank`` lines).
+
+    tiktoken stores no merge list: it merges, at each step, the adjacent pair whose
+    concatenation has the lowest rank. The same rule as a merge list: every way of
+    cutting a token into two tokens is a merge creating it, ranked by the token's
+    rank (then by the halves' ranks). With ``pattern="gpt4"`` and cl100k_base
+    this reproduces tiktoken's ``cl100k_base`` ids (tested).
+    """
+    import base64
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    ranked: dict[bytes, int] = {}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranked[base64.b64decode(token)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{path}:{lineno}: expected 'base64 rank', got {line!r}") from None
+    if sorted(ranked.values()) != list(range(len(ranked))):
+        raise ValueError(f"{path}: ranks must be 0..{len(ranked) - 1}")
+    token_bytes = sorted(ranked, key=ranked.__getitem__)
+    merges: list[tuple[int, int, int]] = []
+    for new, token in enumerate(token_bytes):
+        splits = [
+            (ranked[token[:i]], ranked[token[i:]])
+            for i in range(1, len(token))
+            if token[:i] in ranked and token[i:] in ranked
+        ]
+        merges.extend((a, b, new) for a, b in sorted(splits))
+    byte_ids = [ranked[bytes([b])] for b in range(256)]
+    return cls(pattern, token_bytes, merges, byte_ids, special_tokens or {}, use_native=use_native)

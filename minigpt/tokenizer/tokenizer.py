@@ -404,6 +404,15 @@ class Tokenizer:
 
         return load_gpt2_files(cls, vocab_json, merges_txt, **kwargs)
 
+    @classmethod
+    def from_tiktoken_file(
+        cls, path: str | os.PathLike, *, pattern: str = "gpt4", **kwargs
+    ) -> Tokenizer:
+        """Load a tiktoken ranks file (e.g. ``cl100k_base.tiktoken``) with our pre-split."""
+        from minigpt.tokenizer.hf import load_tiktoken_file
+
+        return load_tiktoken_file(cls, path, pattern=pattern, **kwargs)
+
     def export_hf(self, out_dir: str | os.PathLike) -> Path:
         """Write a Hugging Face ``tokenizer.json`` (+ config) into ``out_dir``.
 
