@@ -12,6 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from tokenizer_testing import SHARED, corpus_slice
 
 from minigpt.data import (
     RandomWindowLoader,
@@ -25,7 +26,6 @@ from minigpt.data.prepare import is_val_document
 from minigpt.data.shards import token_dtype
 from minigpt.data.sources import strip_markdown
 from minigpt.tokenizer import Tokenizer, train_tokenizer
-from tests.tokenizer_testing import SHARED, corpus_slice
 
 DOCS = [f"Document number {i}.\nIt has two lines, and {'x' * i} more.\n" for i in range(40)]
 

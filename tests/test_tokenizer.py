@@ -15,12 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from minigpt.tokenizer import DEFAULT_SPECIALS, PATTERNS, Tokenizer, split_text, train_tokenizer
-from minigpt.tokenizer._native import native_available
-from minigpt.tokenizer.bytes_unicode import bytes_to_unicode_str, unicode_str_to_bytes
-from minigpt.tokenizer.reference import encode_piece, merge_word, train_bpe
-from tests.tokenizer_testing import (
+from tokenizer_testing import (
     EN_CORPORA,
     GPT2_DIR,
     TRICKY,
@@ -28,6 +23,11 @@ from tests.tokenizer_testing import (
     corpus_slice,
     tiktoken_gpt2,
 )
+
+from minigpt.tokenizer import DEFAULT_SPECIALS, PATTERNS, Tokenizer, split_text, train_tokenizer
+from minigpt.tokenizer._native import native_available
+from minigpt.tokenizer.bytes_unicode import bytes_to_unicode_str, unicode_str_to_bytes
+from minigpt.tokenizer.reference import encode_piece, merge_word, train_bpe
 
 assert native_available(), "minigpt._C has no BPE core: run tools/build_ext.sh"
 
@@ -362,7 +362,7 @@ def test_gpt2_matches_tiktoken_on_chinese_and_emoji(gpt2):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EN_CORPORA)
 def test_gpt2_matches_tiktoken_full_corpora(gpt2, name):
-    from tests.tokenizer_testing import corpus_text
+    from tokenizer_testing import corpus_text
 
     enc = tiktoken_gpt2()
     text = corpus_text("en", name)
@@ -427,7 +427,7 @@ def test_max_pieces_bounds_memory_identically():
 def test_pretokenize_cpp_matches_regex_full_corpora(lang, name):
     # the default pattern only: the gpt2 one is covered in full on English by the
     # tiktoken parity test, and on slices of every corpus by the fast tests
-    from tests.tokenizer_testing import corpus_text
+    from tokenizer_testing import corpus_text
 
     text = corpus_text(lang, name)
     assert native_split(text, "gpt4") == split_text(text, "gpt4")
@@ -437,8 +437,7 @@ def test_pretokenize_cpp_matches_regex_full_corpora(lang, name):
 def test_gpt4_pattern_reproduces_cl100k():
     """Our "gpt4" pre-split + cl100k_base's ranks give tiktoken's cl100k ids."""
     import tiktoken
-
-    from tests.tokenizer_testing import TIKTOKEN_CACHE
+    from tokenizer_testing import TIKTOKEN_CACHE
 
     tiktoken_gpt2()  # points tiktoken at the offline cache
     cl100k = tiktoken.get_encoding("cl100k_base")
