@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minigpt.infer.kv_cache import KVCache
-from minigpt.infer.sampling import _kernel_sample, repetition_penalty
+from minigpt.infer.sampling import _kernel_repetition_penalty, _kernel_sample
 
 
 @dataclass
@@ -161,7 +161,8 @@ def generate(
         config: a :class:`GenerationConfig`; keyword ``overrides`` change its fields,
             e.g. ``generate(model, [ids], temperature=0, max_new_tokens=20)``.
         tokenizer: optional, to fill ``Generation.text`` and match stop strings.
-        stream: optional ``callback(row, token_id)`` called for every new token.
+        stream: optional ``callback(row, token_id)`` called for every new token as it
+            is chosen (beam search: for the winning tokens, once the search ends).
     """
     config = (config or GenerationConfig()).replace(**overrides)
     if config.stop_strings and tokenizer is None:
@@ -169,10 +170,14 @@ def generate(
     if config.num_beams > 1:
         from minigpt.infer.beam import beam_search
 
-        return [
+        results = [
             beam_search(model, p, config, tokenizer=tokenizer)
             for p in prepare_prompts(prompts, model.config.max_seq_len, config.truncate)
         ]
+        for row, result in enumerate(results):  # beams only settle at the end
+            for token in result.tokens if stream is not None else ():
+                stream(row, token)
+        return results
     ctx = model.config.max_seq_len
     rows = prepare_prompts(prompts, ctx, config.truncate)
     B = len(rows)
@@ -192,11 +197,11 @@ def generate(
         history = torch.full((B, width), -1, dtype=torch.long, device=device)
         for i, r in enumerate(rows):
             history[i, : len(r)] = torch.tensor(r)
-    sample = _kernel_sample()
+    sample, penalize = _kernel_sample(), _kernel_repetition_penalty()
     stop_tokens = set(config.stop_tokens)
     while True:
         if history is not None:
-            logits = repetition_penalty(logits, history, config.repetition_penalty)
+            logits = penalize(logits, history, config.repetition_penalty)
         next_ids = sample(
             logits, config.temperature, config.top_k, config.top_p, config.min_p, generator
         )

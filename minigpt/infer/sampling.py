@@ -138,3 +138,12 @@ def _kernel_sample():
     except ImportError:
         return sample
     return fused
+
+
+def _kernel_repetition_penalty():
+    """The fused repetition penalty when it exists, else this module's version."""
+    try:
+        from minigpt.kernels import repetition_penalty as fused
+    except ImportError:
+        return repetition_penalty
+    return fused
