@@ -104,6 +104,12 @@ def test_rope_large_outputs_from_output_pool_are_fully_written():
         del q_rot, k_rot
 
 
+@pytest.mark.parametrize("D", [128, 80])
+def test_rope_streaming_stores_on_huge_outputs(D):
+    # q_rot + k_rot >= 16 MiB: non-temporal stores (D=128) or their fallback (D=80)
+    _check(_inputs((1, 509, 32, 31, D), torch.float32), "cpp", torch.float32)
+
+
 def test_rope_matches_complex_rotation():
     # independent formula: pair (x[i], x[i + D/2]) is the complex number x[i] + j x[i + D/2],
     # and RoPE multiplies it by exp(j * t * theta^(-2i/D))

@@ -75,6 +75,20 @@ def test_swiglu_halves_of_fused_projection(dtype, shape):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_streaming_stores_on_huge_outputs(dtype):
+    # outputs >= 16 MiB are written with non-temporal stores; an odd length makes the
+    # per-thread spans start unaligned, which exercises the alignment peeling
+    n = (16 << 20) // torch.finfo(dtype).bits * 8 + 5
+    g, u = random_tensor((n,), dtype, scale=2.0), random_tensor((n,), dtype)
+    check_op(
+        lambda gate, up: swiglu(gate, up, backend="cpp"),
+        swiglu_reference,
+        {"gate": g, "up": u},
+        grads=("gate", "up"),
+    )
+
+
 def test_swiglu_noncontiguous_inputs():
     g = random_tensor((40, 24)).t()
     u = random_tensor((24, 40))

@@ -15,6 +15,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <cstring>
 #include <immintrin.h>
 
@@ -27,6 +29,14 @@
 
 namespace minigpt::cpu {
 namespace {
+
+bool stream_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MINIGPT_STREAM_STORES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return enabled;
+}
 
 void check_qk(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
@@ -62,7 +72,11 @@ std::tuple<at::Tensor, at::Tensor> rope_rotate(const at::Tensor& q, const at::Te
   const float sign = inverse ? -1.0f : 1.0f;
   dispatch_float_types(q.scalar_type(), "rope_rotate", [&]<typename T_>() {
     auto run = [&]<typename C>() {
-      auto kernel = MG_ISA_CALL(rope_tokens<T_, C>);
+      // Non-temporal stores for outputs far larger than the caches (see vec.h);
+      // MINIGPT_STREAM_STORES=0 turns them off.
+      const bool stream = stream_enabled() && qo.nbytes() + ko.nbytes() >= (size_t{16} << 20);
+      auto kernel = stream ? MG_ISA_CALL(rope_tokens<T_, C, true>)
+                           : MG_ISA_CALL(rope_tokens<T_, C, false>);
       const C* cp = ptr<const C>(cos);
       const C* sp = ptr<const C>(sin);
       const T_* qp = ptr<const T_>(q);

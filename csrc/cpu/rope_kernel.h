@@ -17,7 +17,7 @@
 // may be strided over (batch, token, head) but each head's D values are
 // contiguous; the output is contiguous (B, T, H, D).
 
-template <typename T, typename C>
+template <bool STREAM, typename T, typename C>
 inline void rope_rotate_chunk(const T* x1, const T* x2, const C* cr, const C* sr, T* o1, T* o2,
                               Vec sign, int n_partial) {
   const bool part = n_partial < Vec::N;
@@ -30,6 +30,9 @@ inline void rope_rotate_chunk(const T* x1, const T* x2, const C* cr, const C* sr
   if (part) {
     ra.store_partial(o1, n_partial);
     rb.store_partial(o2, n_partial);
+  } else if (STREAM) {
+    stream_store(o1, ra);
+    stream_store(o2, rb);
   } else {
     ra.store(o1);
     rb.store(o2);
@@ -39,13 +42,20 @@ inline void rope_rotate_chunk(const T* x1, const T* x2, const C* cr, const C* sr
 // Tokens [tok_begin, tok_end) of the flattened (B * T) token axis.
 //   x strides (in elements): sb (batch), st (token), sh (head); last dim contiguous.
 //   cos/sin: (Bc, T, half) contiguous, cos_sb = T * half when per-batch, else 0.
-template <typename T, typename C>
+// STREAM: write the output with non-temporal stores (see vec.h), for outputs far
+// larger than the caches; used only when every output vector is aligned (D/2 a
+// multiple of the vector width and an aligned output), else plain stores.
+template <typename T, typename C, bool STREAM>
 void rope_tokens(const T* x, int64_t sb, int64_t st, int64_t sh, T* out, const C* cos,
                  const C* sin, int64_t cos_sb, int64_t seq_len, int64_t heads, int64_t half,
                  float sin_sign, int64_t tok_begin, int64_t tok_end) {
   const Vec sign = Vec::set1(sin_sign);
   const int64_t hv = half - half % Vec::N;  // end of the full-vector part of a half
   const int tail = int(half - hv);
+  if (STREAM && (tail || reinterpret_cast<uintptr_t>(out) % (Vec::N * sizeof(T)))) {
+    return rope_tokens<T, C, false>(x, sb, st, sh, out, cos, sin, cos_sb, seq_len, heads, half,
+                                    sin_sign, tok_begin, tok_end);
+  }
   for (int64_t r = tok_begin; r < tok_end; ++r) {
     const int64_t b = r / seq_len, t = r % seq_len;
     const T* xr = x + b * sb + t * st;
@@ -59,8 +69,10 @@ void rope_tokens(const T* x, int64_t sb, int64_t st, int64_t sh, T* out, const C
       T* o2 = o1 + half;
       int64_t i = 0;
       for (; i < hv; i += Vec::N)
-        rope_rotate_chunk(x1 + i, x2 + i, cr + i, sr + i, o1 + i, o2 + i, sign, Vec::N);
-      if (tail) rope_rotate_chunk(x1 + i, x2 + i, cr + i, sr + i, o1 + i, o2 + i, sign, tail);
+        rope_rotate_chunk<STREAM>(x1 + i, x2 + i, cr + i, sr + i, o1 + i, o2 + i, sign, Vec::N);
+      if (tail)
+        rope_rotate_chunk<false>(x1 + i, x2 + i, cr + i, sr + i, o1 + i, o2 + i, sign, tail);
     }
   }
+  if (STREAM) stream_fence();
 }

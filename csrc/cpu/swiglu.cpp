@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <cstring>
 #include <immintrin.h>
 
@@ -30,6 +32,16 @@ namespace {
 // Elements per parallel task: big enough to amortize a thread hand-off, and a
 // multiple of 64 so every task but the last starts on a cache-line boundary.
 constexpr int64_t kGrain = 1 << 15;
+
+// Streaming (non-temporal) stores pay off only when an output is far larger
+// than the caches; MINIGPT_STREAM_STORES=0 turns them off (for measurements).
+bool stream_outputs(const at::Tensor& out) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("MINIGPT_STREAM_STORES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return enabled && out.nbytes() >= (size_t{16} << 20);
+}
 
 // How the kernel walks an input: `rows` rows of `n` contiguous elements,
 // `stride` elements apart. A contiguous tensor is one row of numel elements; a
@@ -74,7 +86,8 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   at::Tensor y = pooled_empty(gate.sizes(), gate.scalar_type());
   if (gate.numel() == 0) return y;
   dispatch_float_types(gate.scalar_type(), "swiglu_fwd", [&]<typename T>() {
-    auto kernel = MG_ISA_CALL(swiglu_fwd_span<T>);
+    auto kernel = stream_outputs(y) ? MG_ISA_CALL(swiglu_fwd_span<T, true>)
+                                     : MG_ISA_CALL(swiglu_fwd_span<T, false>);
     const T* gp = ptr<const T>(gate);
     const T* up_ = ptr<const T>(up);
     T* yp = ptr<T>(y);
@@ -100,7 +113,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
   at::Tensor du = pooled_empty(gate.sizes(), gate.scalar_type());
   if (gate.numel() == 0) return {dg, du};
   dispatch_float_types(gate.scalar_type(), "swiglu_bwd", [&]<typename T>() {
-    auto kernel = MG_ISA_CALL(swiglu_bwd_span<T>);
+    auto kernel = stream_outputs(dg) ? MG_ISA_CALL(swiglu_bwd_span<T, true>)
+                                      : MG_ISA_CALL(swiglu_bwd_span<T, false>);
     const T* dyp = ptr<const T>(dy);
     const T* gp = ptr<const T>(gate);
     const T* up_ = ptr<const T>(up);

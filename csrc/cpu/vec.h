@@ -82,6 +82,17 @@ inline Vec vround(Vec a) { return _mm512_roundscale_ps(a.r, _MM_FROUND_TO_NEARES
 inline Vec select_lt(Vec a, Vec b, Vec if_true, Vec if_false) {  // a < b ? t : f
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.r, b.r, _CMP_LT_OQ), if_false.r, if_true.r);
 }
+// Non-temporal store of a full vector: writes the cache lines straight to memory
+// without reading them first. p must be aligned to Vec::N * sizeof(T) bytes.
+// Call stream_fence() after a run of them (before other threads read the data).
+inline void stream_store(float* p, Vec v) { _mm512_stream_ps(p, v.r); }
+inline void stream_store(BF16* p, Vec v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v.to_bf16_bits());
+}
+inline void stream_store(F16* p, Vec v) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.r, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void stream_fence() { _mm_sfence(); }
 
 #elif defined(MG_ISA_AVX2)
 
@@ -166,6 +177,14 @@ inline Vec vround(Vec a) { return _mm256_round_ps(a.r, _MM_FROUND_TO_NEAREST_INT
 inline Vec select_lt(Vec a, Vec b, Vec if_true, Vec if_false) {
   return _mm256_blendv_ps(if_false.r, if_true.r, _mm256_cmp_ps(a.r, b.r, _CMP_LT_OQ));
 }
+inline void stream_store(float* p, Vec v) { _mm256_stream_ps(p, v.r); }
+inline void stream_store(BF16* p, Vec v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), v.to_bf16_bits());
+}
+inline void stream_store(F16* p, Vec v) {
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.r, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void stream_fence() { _mm_sfence(); }
 
 #elif defined(MG_ISA_SCALAR)
 
@@ -199,6 +218,9 @@ inline Vec vmin(Vec a, Vec b) { return a.r < b.r ? a.r : b.r; }
 inline Vec exp2_int(Vec n) { return bits_to_f32(uint32_t(int32_t(n.r) + 127) << 23); }
 inline Vec vround(Vec a) { return std::nearbyint(a.r); }
 inline Vec select_lt(Vec a, Vec b, Vec if_true, Vec if_false) { return a.r < b.r ? if_true : if_false; }
+template <typename T>
+inline void stream_store(T* p, Vec v) { v.store(p); }
+inline void stream_fence() {}
 
 #else
 #error "vec.h: define one of MG_ISA_AVX512, MG_ISA_AVX2, MG_ISA_SCALAR"
