@@ -6,31 +6,38 @@
 
 ``core`` is the loop every stage shares; ``pretrain`` is the first stage (and
 ``minigpt train``, the main job). See ``docs/training.md``.
+
+Names are imported on first use (PEP 562), so ``minigpt train`` can set up the
+OpenMP environment before torch is loaded (see ``minigpt/train/cli.py``).
 """
 
-from minigpt.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-from minigpt.train.config import config_to_yaml, load_config
-from minigpt.train.core import (
-    OptimConfig,
-    TrainConfig,
-    Trainer,
-    build_optimizer,
-    causal_lm_loss,
-    param_groups,
-)
-from minigpt.train.schedule import warmup_cosine_lr
+from __future__ import annotations
 
-__all__ = [
-    "CheckpointError",
-    "CheckpointManager",
-    "OptimConfig",
-    "TrainConfig",
-    "Trainer",
-    "build_optimizer",
-    "causal_lm_loss",
-    "config_to_yaml",
-    "load_checkpoint",
-    "load_config",
-    "param_groups",
-    "warmup_cosine_lr",
-]
+import importlib
+
+_EXPORTS = {
+    "CheckpointError": "minigpt.train.checkpoint",
+    "CheckpointManager": "minigpt.train.checkpoint",
+    "load_checkpoint": "minigpt.train.checkpoint",
+    "config_to_yaml": "minigpt.train.config",
+    "load_config": "minigpt.train.config",
+    "OptimConfig": "minigpt.train.core",
+    "TrainConfig": "minigpt.train.core",
+    "Trainer": "minigpt.train.core",
+    "build_optimizer": "minigpt.train.core",
+    "causal_lm_loss": "minigpt.train.core",
+    "param_groups": "minigpt.train.core",
+    "warmup_cosine_lr": "minigpt.train.schedule",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'minigpt.train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
