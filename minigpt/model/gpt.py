@@ -9,8 +9,8 @@ Pre-norm blocks keep an un-normalized "residual stream" ``h`` that every
 sub-layer reads (through a norm) and adds to. The add and the next norm are one
 fused kernel: ``norm(delta, h)`` returns ``(norm(h + delta), h + delta)``.
 
-Training with ``targets`` returns the loss and, when the fused
-``linear_cross_entropy`` kernel is present, never builds the (B*T, vocab) logits.
+Training with ``targets`` returns the loss, computed by the fused
+``linear_cross_entropy`` kernel, which never builds the (B*T, vocab) logits.
 """
 
 from __future__ import annotations
@@ -22,15 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minigpt.kernels import rope_cos_sin, swiglu
+from minigpt.kernels import linear_cross_entropy, rope_cos_sin, swiglu
 from minigpt.model.config import GPTConfig
 from minigpt.nn import RMSNorm
 from minigpt.nn.attention import CausalSelfAttention
-
-try:  # the fused op (lands with the foundation kernels); cross_entropy below until then
-    from minigpt.kernels import linear_cross_entropy
-except ImportError:
-    linear_cross_entropy = None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -239,11 +234,11 @@ class GPT(nn.Module):
             raise ValueError(
                 f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}"
             )
+        # fused LM head + cross-entropy, chunked over rows: the (B*T, vocab) logits
+        # never exist at once (the same value as F.cross_entropy(self.lm_head(x), ...))
         flat_x, flat_t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-        if linear_cross_entropy is not None:  # fused and chunked: no (N, vocab) logits
-            weight = self.lm_head.weight
-            if torch.is_autocast_enabled(flat_x.device.type):  # what F.linear would do
-                low = torch.get_autocast_dtype(flat_x.device.type)
-                flat_x, weight = flat_x.to(low), weight.to(low)
-            return linear_cross_entropy(flat_x, weight, flat_t, ignore_index=-100)
-        return F.cross_entropy(self.lm_head(flat_x).float(), flat_t, ignore_index=-100)
+        weight = self.lm_head.weight
+        if torch.is_autocast_enabled(flat_x.device.type):  # what F.linear would do
+            low = torch.get_autocast_dtype(flat_x.device.type)
+            flat_x, weight = flat_x.to(low), weight.to(low)
+        return linear_cross_entropy(flat_x, weight, flat_t, ignore_index=-100)
