@@ -78,3 +78,14 @@ def test_export_command_loads_in_transformers(model_dir, tmp_path, capsys):
     again, again_tok = load_for_inference(tmp_path / "hf")
     assert again_tok is not None
     torch.testing.assert_close(again(ids), load_model(model_dir)(ids))
+
+
+def test_tokenizer_found_in_the_run_directory(model_dir, tmp_path):
+    from minigpt.infer.loading import load_for_inference
+    from minigpt.model.io import load_model
+
+    run = tmp_path / "run"
+    save_model(load_model(model_dir), run / "model")  # the layout `minigpt train` writes
+    (run / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    model, tok = load_for_inference(run / "model")
+    assert tok is not None and tok.vocab_size == model.config.vocab_size

@@ -3,7 +3,8 @@
 Accepted sources:
 
 * a MiniGPT model directory (``save_model``: config.json + model.safetensors),
-  with our ``tokenizer.json`` beside it;
+  with our ``tokenizer.json`` beside it or in the directory above (the layout of
+  a training run: ``runs/<name>/tokenizer.json`` + ``runs/<name>/model/``);
 * a Hugging Face Llama-family directory (config.json with ``model_type``), whose
   ``tokenizer.json`` is read with the ``tokenizers``/``transformers`` packages;
 * a llama-architecture ``.gguf`` file (its tokenizer via ``transformers``).
@@ -100,8 +101,10 @@ def load_for_inference(
             tokenizer = _our_tokenizer(source / "tokenizer.json") or _hf_tokenizer(source)
     else:
         model = load_model(source, dtype=torch_dtype)
-        if tokenizer_path is None and (source / "tokenizer.json").is_file():
-            tokenizer_path = str(source / "tokenizer.json")
+        # beside the weights, or in the run directory above them (runs/<name>/model)
+        for candidate in (source / "tokenizer.json", source.parent / "tokenizer.json"):
+            if tokenizer_path is None and candidate.is_file():
+                tokenizer_path = str(candidate)
     if tokenizer_path is not None:
         tokenizer = _our_tokenizer(Path(tokenizer_path))
         if tokenizer is None:
