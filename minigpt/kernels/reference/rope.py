@@ -10,15 +10,17 @@ Which dimensions form a pair? We use the half-split ("rotate_half") convention
 of Hugging Face Llama / GPT-NeoX, so checkpoints export to ``transformers``
 unchanged: dimension ``i`` pairs with ``i + D/2``::
 
-    head vector x (D = 8, h = D/2 = 4)
-    index:   0    1    2    3  |  4    5    6    7
-             a0   a1   a2   a3 |  b0   b1   b2   b3
-             \\____________________/                 pair 0 = (x[0], x[4]), angle t * f0
-                  \\____________________/            pair 1 = (x[1], x[5]), angle t * f1
-                    ...                                 ...
+    head vector x at position t, D = 8:  a_i = x[i], b_i = x[i + D/2]
 
-    out[i]     = a_i * cos(t f_i) - b_i * sin(t f_i)
-    out[i + h] = b_i * cos(t f_i) + a_i * sin(t f_i)         f_i = theta ** (-2 i / D)
+        a0   a1   a2   a3  |  b0   b1   b2   b3
+        |    |    |    |      |    |    |    |
+        |    |    |    +------|----|----|----+    pair 3: (a3, b3) turned by angle t * f3
+        |    |    +-----------|----|----+         pair 2: (a2, b2) turned by angle t * f2
+        |    +----------------|----+              pair 1: (a1, b1) turned by angle t * f1
+        +---------------------+                   pair 0: (a0, b0) turned by angle t * f0
+
+    out[i]       = a_i * cos(t f_i) - b_i * sin(t f_i)       f_i = theta ** (-2 i / D)
+    out[i + D/2] = b_i * cos(t f_i) + a_i * sin(t f_i)       (i = 0 .. D/2 - 1)
 
 (The interleaved convention of the original paper and Meta's first Llama
 code pairs (0, 1), (2, 3), ... instead; it is the same math on permuted
