@@ -627,4 +627,146 @@ MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int6
   for (int64_t i = 0; i < rows; ++i)
     finish_row(O + i * dp, m[i], l[i], d, out + i * o_stride, lse ? lse + i * lse_stride : nullptr);
 }
+
+// rows x 64 float tile -> bf16, transposed: dst[j * 64 + i] (zero for i >= rows).
+MG_BF16_TARGET inline void tile_to_bf16_transposed(const float* src, int64_t rows, uint16_t* dst) {
+  alignas(64) uint16_t tmp[kAttnBlockK];
+  for (int64_t i = 0; i < kAttnBlockQ; ++i) {
+    if (i < rows) {
+      for (int j = 0; j < kAttnBlockK; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(tmp + j),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i * kAttnBlockK + j)));
+      for (int j = 0; j < kAttnBlockK; ++j) dst[j * kAttnBlockQ + i] = tmp[j];
+    } else {
+      for (int j = 0; j < kAttnBlockK; ++j) dst[j * kAttnBlockQ + i] = 0;
+    }
+  }
+}
+
+MG_BF16_TARGET inline void tile_to_bf16(const float* src, int64_t rows, uint16_t* dst) {
+  for (int64_t i = 0; i < rows * kAttnBlockK; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+}
+
+// bf16 rows (stride `stride`) -> [n][dp] rows zero-padded, and [n/2][dp][2] pair-interleaved.
+inline void pack_bf16_rows(const BF16* src, int64_t stride, int64_t n, int64_t d, int64_t dp, uint16_t* rows,
+                           uint16_t* pairs) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t* x = reinterpret_cast<const uint16_t*>(src + i * stride);
+    uint16_t* r = rows + i * dp;
+    uint16_t* p = pairs + (i / 2) * 2 * dp + (i & 1);
+    for (int64_t c = 0; c < d; ++c) {
+      r[c] = x[c];
+      p[2 * c] = x[c];
+    }
+    for (int64_t c = d; c < dp; ++c) {
+      r[c] = 0;
+      p[2 * c] = 0;
+    }
+  }
+  if (n & 1) {  // the unused half of the last pair
+    uint16_t* p = pairs + (n / 2) * 2 * dp + 1;
+    for (int64_t c = 0; c < dp; ++c) p[2 * c] = 0;
+  }
+}
+
+// Backward of one (sequence, kv head) for bf16 inputs with AVX512_BF16; the same
+// recomputation as attn_bwd_kv_head, with every product on vdpbf16ps:
+//   S  = Q K^T      (qk form: Q rows, keys pair-transposed ktp)
+//   dP = dO V^T     (qk form: dO rows, values pair-transposed vtp)
+//   dV += P^T dO    (pv form: P^T in bf16, dO pair-interleaved over queries)
+//   dQ += dS K      (pv form: dS in bf16, keys pair-interleaved kpi)
+//   dK += dS^T Q    (pv form: dS^T in bf16, Q pair-interleaved over queries)
+// ktp/vtp at the sequence's first key (2 * t_ld elements per d pair), kpi at the
+// sequence's first key pair. q_pairs: pairs reserved per head for the interleaved Q/dO.
+MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, int64_t q_len, int64_t k_len,
+                                          const BF16* q, const BF16* out, const BF16* dout, const float* lse,
+                                          int64_t q_stride, int64_t lse_stride, BF16* dq, BF16* dk, BF16* dv,
+                                          int64_t k_stride, const uint16_t* ktp, const uint16_t* vtp,
+                                          int64_t t_ld, const uint16_t* kpi, int64_t q_pairs, float* work) {
+  const int64_t dp = sh.dp, d = sh.d;
+  const int64_t nq = group * q_len;
+  float* dQ = work;                  // [group][q_len][dp]
+  float* L = dQ + nq * dp;           // [group][q_len]
+  float* delta = L + nq;             // [group][q_len]
+  float* dK = delta + nq;            // [64][dp]
+  float* dV = dK + kAttnBlockK * dp;
+  float* P = dV + kAttnBlockK * dp;  // [64][64]
+  float* dS = P + kAttnBlockQ * kAttnBlockK;
+  float* orow = dS + kAttnBlockQ * kAttnBlockK;  // [dp]
+  float* gorow = orow + dp;                      // [dp]
+  uint16_t* Qb = reinterpret_cast<uint16_t*>(gorow + dp);  // [group][q_len][dp]
+  uint16_t* dOb = Qb + nq * dp;                             // [group][q_len][dp]
+  uint16_t* Qpi = dOb + nq * dp;                            // [group][q_pairs][dp][2]
+  uint16_t* dOpi = Qpi + group * q_pairs * 2 * dp;          // [group][q_pairs][dp][2]
+  uint16_t* PT = dOpi + group * q_pairs * 2 * dp;           // [64][64]
+  uint16_t* dSb = PT + kAttnBlockK * kAttnBlockQ;           // [64][64]
+  uint16_t* dST = dSb + kAttnBlockQ * kAttnBlockK;          // [64][64]
+  for (int64_t g = 0; g < group; ++g) {
+    pack_bf16_rows(q + g * d, q_stride, q_len, d, dp, Qb + g * q_len * dp, Qpi + g * q_pairs * 2 * dp);
+    pack_bf16_rows(dout + g * d, q_stride, q_len, d, dp, dOb + g * q_len * dp, dOpi + g * q_pairs * 2 * dp);
+    for (int64_t i = 0; i < q_len; ++i) {
+      attn_pack_rows(out + g * d + i * q_stride, q_stride, 1, d, dp, 1.0f, orow);
+      attn_pack_rows(dout + g * d + i * q_stride, q_stride, 1, d, dp, 1.0f, gorow);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t dd = 0; dd < dp; dd += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(gorow + dd), _mm512_loadu_ps(orow + dd), acc);
+      delta[g * q_len + i] = _mm512_reduce_add_ps(acc);
+      const float v = lse[g + i * lse_stride];
+      L[g * q_len + i] = v == kNegInf ? __builtin_inff() : v;
+    }
+  }
+  for (int64_t i = 0; i < nq * dp; ++i) dQ[i] = 0.0f;
+  const int64_t shift = k_len - q_len;
+  const __m512 vscale = _mm512_set1_ps(sh.scale);
+  for (int64_t k0 = 0; k0 < k_len; k0 += kAttnBlockK) {
+    const int64_t n = mg_min(kAttnBlockK, k_len - k0);
+    for (int64_t i = 0; i < kAttnBlockK * dp; ++i) dK[i] = dV[i] = 0.0f;
+    for (int64_t i0 = 0; i0 < q_len; i0 += kAttnBlockQ) {
+      const int64_t rows = mg_min(kAttnBlockQ, q_len - i0);
+      int64_t lo_first, hi_first, lo_last, hi_last;
+      attn_visible_keys(sh, i0 + shift, k_len, &lo_first, &hi_first);
+      attn_visible_keys(sh, i0 + rows - 1 + shift, k_len, &lo_last, &hi_last);
+      if (hi_last <= k0 || lo_first >= k0 + n) continue;
+      const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
+      for (int64_t g = 0; g < group; ++g) {
+        const float* Lg = L + g * q_len + i0;
+        const float* Dg = delta + g * q_len + i0;
+        qk_block_bf16(Qb + (g * q_len + i0) * dp, dp, ktp + 2 * k0, 2 * t_ld, dp, rows, P);
+        for (int64_t i = 0; i < rows; ++i) {
+          float* s = P + i * kAttnBlockK;
+          for (int j = 0; j < kAttnBlockK; j += 16)
+            _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
+          if (!full) {
+            int64_t lo, hi;
+            attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
+            mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
+          }
+          exp_row64(s, Lg[i]);
+        }
+        qk_block_bf16(dOb + (g * q_len + i0) * dp, dp, vtp + 2 * k0, 2 * t_ld, dp, rows, dS);
+        for (int64_t i = 0; i < rows; ++i) {
+          const __m512 dl = _mm512_set1_ps(Dg[i]);
+          float* ds = dS + i * kAttnBlockK;
+          const float* p = P + i * kAttnBlockK;
+          for (int j = 0; j < kAttnBlockK; j += 16)
+            _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(_mm512_loadu_ps(ds + j), dl)));
+        }
+        tile_to_bf16_transposed(P, rows, PT);
+        tile_to_bf16(dS, rows, dSb);
+        tile_to_bf16_transposed(dS, rows, dST);
+        pv_block_bf16(dV, dp, PT, kAttnBlockQ, n, rows, dOpi + g * q_pairs * 2 * dp + i0 * dp, dp);
+        pv_block_bf16(dQ + (g * q_len + i0) * dp, dp, dSb, kAttnBlockK, rows, n, kpi + k0 * dp, dp);
+        pv_block_bf16(dK, dp, dST, kAttnBlockQ, n, rows, Qpi + g * q_pairs * 2 * dp + i0 * dp, dp);
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      finish_row<BF16>(dK + j * dp, 0.0f, 1.0f / sh.scale, d, dk + (k0 + j) * k_stride, nullptr);
+      finish_row<BF16>(dV + j * dp, 0.0f, 1.0f, d, dv + (k0 + j) * k_stride, nullptr);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < q_len; ++i)
+      finish_row<BF16>(dQ + (g * q_len + i) * dp, 0.0f, 1.0f / sh.scale, d, dq + g * d + i * q_stride, nullptr);
+}
 #endif  // MG_ISA_AVX512
