@@ -44,6 +44,38 @@ inline uint32_t lanes_bad(Vec x) { return !(x.r < INFINITY) ? 1u : 0u; }
 inline uint32_t lanes_eq(Vec a, Vec b) { return a.r == b.r ? 1u : 0u; }
 #endif
 
+// acc + (z >= r ? v : 0), lane-wise.
+#if defined(MG_ISA_AVX512)
+inline Vec add_if_ge(Vec acc, Vec z, Vec r, Vec v) {
+  return _mm512_mask_add_ps(acc.r, _mm512_cmp_ps_mask(z.r, r.r, _CMP_GE_OQ), acc.r, v.r);
+}
+// Store the lanes of a and b selected by msk contiguously at pa / pb (may write
+// up to N floats: callers leave N slots of slack).
+inline void compress_store2(float* pa, float* pb, Vec a, Vec b, uint32_t msk) {
+  _mm512_storeu_ps(pa, _mm512_maskz_compress_ps(__mmask16(msk), a.r));
+  _mm512_storeu_ps(pb, _mm512_maskz_compress_ps(__mmask16(msk), b.r));
+}
+#elif defined(MG_ISA_AVX2)
+inline Vec add_if_ge(Vec acc, Vec z, Vec r, Vec v) {
+  return _mm256_add_ps(acc.r, _mm256_and_ps(_mm256_cmp_ps(z.r, r.r, _CMP_GE_OQ), v.r));
+}
+#else
+inline Vec add_if_ge(Vec acc, Vec z, Vec r, Vec v) { return z.r >= r.r ? acc.r + v.r : acc.r; }
+#endif
+#if !defined(MG_ISA_AVX512)
+inline void compress_store2(float* pa, float* pb, Vec a, Vec b, uint32_t msk) {
+  float ab[Vec::N], bb[Vec::N];
+  a.store(ab);
+  b.store(bb);
+  while (msk) {
+    const int l = __builtin_ctz(msk);
+    msk &= msk - 1;
+    *pa++ = ab[l];
+    *pb++ = bb[l];
+  }
+}
+#endif
+
 // The last (partial) vector of a row, with lanes past the end set to `fill`.
 template <typename T>
 inline Vec load_tail(const T* p, int n, float fill) {
@@ -76,7 +108,7 @@ struct Cand {
 // Reusable per-thread memory.
 struct Scratch {
   std::vector<Cand> cands;
-  std::vector<float> vals, wts;
+  std::vector<float> vals, wts, shell_z, shell_e, cz, ce;
 };
 
 // What the analysis of one row found: the kept set is every buffer entry (or,
@@ -156,21 +188,178 @@ inline float weighted_select(float* v, float* w, int64_t n, double target, doubl
   return T;
 }
 
+// sum exp(x - m) over the row (the temperature-1 normalizer), in float lanes
+// flushed to double every 4096 elements for accuracy.
+template <typename T>
+double raw_mass(const T* x, int64_t V, float m) {
+  const int64_t nv = V - V % Vec::N;
+  const int tail = int(V - nv);
+  const Vec vm = Vec::set1(m);
+  double total = 0.0;
+  int64_t i = 0;
+  while (i < nv) {
+    const int64_t end = std::min(nv, i + 256 * Vec::N);
+    Vec sum = Vec::zero();
+    for (; i < end; i += Vec::N) sum = sum + vexp(Vec::load(x + i) - vm);
+    total += sum.reduce_add();
+  }
+  if (tail) total += vexp(load_tail(x + i, tail, -INFINITY) - vm).reduce_add();
+  return total;
+}
+
+// Threshold T (kept = {v >= T}, as weighted_select) over n values with weights,
+// `above` = weight known to be above all of them. Large inputs are first
+// narrowed by vectorized 16-rung ladders between their min and max, each
+// keeping only the bracket that holds the threshold.
+inline float refine_select(float* v, float* w, int64_t n, double target, double above) {
+  constexpr int R = 16;
+  while (n > 256) {
+    Vec lo = Vec::set1(INFINITY), hi = Vec::set1(-INFINITY);
+    const int64_t nv = n - n % Vec::N;
+    for (int64_t i = 0; i < nv; i += Vec::N) {
+      Vec a = Vec::load(v + i);
+      lo = vmin(lo, a);
+      hi = vmax(hi, a);
+    }
+    float vlo = INFINITY, vhi = -INFINITY;
+    {
+      float lb[Vec::N], hb[Vec::N];
+      lo.store(lb);
+      hi.store(hb);
+      for (int l = 0; l < Vec::N; ++l) {
+        vlo = std::min(vlo, lb[l]);
+        vhi = std::max(vhi, hb[l]);
+      }
+      for (int64_t i = nv; i < n; ++i) {
+        vlo = std::min(vlo, v[i]);
+        vhi = std::max(vhi, v[i]);
+      }
+    }
+    if (!(vlo < vhi)) break;  // all equal: the exact select handles it
+    // rungs r[1..R] from just below vhi down to vlo (r[R] = vlo: everything)
+    float r[R + 1];
+    r[0] = INFINITY;
+    for (int j = 1; j <= R; ++j) r[j] = vhi - (vhi - vlo) * (float(j) / R);
+    r[R] = vlo;
+    Vec acc[R];
+    Vec rv[R];
+    for (int j = 0; j < R; ++j) {
+      acc[j] = Vec::zero();
+      rv[j] = Vec::set1(r[j + 1]);
+    }
+    for (int64_t i = 0; i < nv; i += Vec::N) {
+      Vec a = Vec::load(v + i), b = Vec::load(w + i);
+      for (int j = 0; j < R; ++j) acc[j] = add_if_ge(acc[j], a, rv[j], b);
+    }
+    double m[R + 1];
+    m[0] = 0.0;
+    for (int j = 0; j < R; ++j) {
+      double t = acc[j].reduce_add();
+      for (int64_t i = nv; i < n; ++i)
+        if (v[i] >= r[j + 1]) t += w[i];
+      m[j + 1] = t;
+    }
+    int j = 1;
+    while (j < R && above + m[j] < target) ++j;
+    // the threshold lies in [r[j], r[j-1]): keep that bracket, the rest above
+    const float blo = r[j], bhi = r[j - 1];
+    int64_t out = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (v[i] >= blo && v[i] < bhi) {
+        v[out] = v[i];
+        w[out] = w[i];
+        ++out;
+      }
+    above += m[j - 1];
+    if (out == n) break;  // no progress (should not happen): exact select
+    n = out;
+    if (n == 0) return bhi;
+  }
+  return weighted_select(v, w, n, target, above);
+}
+
+// Top-p alone: compact the shell (cut <= z < top) into s.vals/s.wts and find
+// the nucleus threshold there; `above` is the mass with z >= top. Returns -inf
+// if the sums disagree (rounding) and the general path should decide.
+template <typename T>
+float shell_threshold(const T* x, int64_t V, const RowPlan& plan, float cut, float top,
+                      double above, double target, Scratch& s, double& kept_mass) {
+  if (above >= target) return -INFINITY;
+  const int64_t nv = V - V % Vec::N;
+  const int tail = int(V - nv);
+  const Vec vm = Vec::set1(plan.m), vit = Vec::set1(plan.inv_t);
+  const Vec vlo = Vec::set1(cut), vhi = Vec::set1(top);
+  if (s.cz.size() < size_t(V + Vec::N)) {  // grown once, never shrunk: no re-zeroing
+    s.cz.resize(V + Vec::N);
+    s.ce.resize(V + Vec::N);
+  }
+  float* pz = s.cz.data();
+  float* pe = s.ce.data();
+  int64_t n = 0;
+  auto take = [&](Vec v) {
+    Vec z = (v - vm) * vit;
+    uint32_t msk = lanes_ge(z, vlo) & ~lanes_ge(z, vhi);
+    if (!msk) return;
+    compress_store2(pz + n, pe + n, z, vexp(z), msk);
+    n += __builtin_popcount(msk);
+  };
+  int64_t i = 0;
+  for (; i < nv; i += Vec::N) take(Vec::load(x + i));
+  if (tail) take(load_tail(x + i, tail, -INFINITY));
+  double shell = 0.0;
+  for (int64_t j = 0; j < n; ++j) shell += pe[j];
+  if (above + shell < target) return -INFINITY;
+  if (n == 0) return top;
+  // the selection reorders its input: keep the shell to sum the kept mass after
+  s.shell_z.assign(pz, pz + n);
+  s.shell_e.assign(pe, pe + n);
+  const float tp = refine_select(pz, pe, n, target, above);
+  double kept = above;
+  for (int64_t j = 0; j < n; ++j)
+    if (s.shell_z[j] >= tp) kept += s.shell_e[j];
+  kept_mass = kept;
+  return tp;
+}
+
 // Passes 1-3 and the threshold selection for one row (see the file comment).
 template <typename T>
 RowPlan plan_row(const T* x, int64_t V, const RowParams& prm, bool want_raw, Scratch& s) {
   RowPlan plan;
   const int64_t nv = V - V % Vec::N;
   const int tail = int(V - nv);
-  // ---- pass 1: max, bad values
+  // ---- pass 1: max, bad values; for top-k also the maxima of S segments per
+  // lane. Those are S * N distinct tokens of the row, so the k-th largest of
+  // them is a value that at least k tokens reach: a safe cut for top-k, found
+  // without a second pass (S * N >= 2k keeps the cut close to the k-th value).
+  const int64_t k_req = (prm.temperature > 0.f && prm.top_k > 0 && prm.top_k < V) ? prm.top_k : 0;
+  const int64_t nvec = nv / Vec::N;
+  int64_t segs = k_req > 0 && k_req <= 1024 ? (2 * k_req + Vec::N - 1) / Vec::N : 0;
+  if (segs > nvec / 4) segs = 0;  // short row: every token is a candidate anyway
+  float seg_cut_x = -INFINITY;
   {
     Vec vm = Vec::set1(-INFINITY);
     uint32_t bad = 0;
     int64_t i = 0;
-    for (; i < nv; i += Vec::N) {
-      Vec v = Vec::load(x + i);
-      bad |= lanes_bad(v);
-      vm = vmax(vm, v);
+    if (segs > 0) {
+      s.vals.resize(segs * Vec::N);
+      const int64_t seg_len = (nvec / segs) * Vec::N;
+      for (int64_t g = 0; g < segs; ++g) {
+        const int64_t end = g == segs - 1 ? nv : i + seg_len;
+        Vec sm = Vec::set1(-INFINITY);
+        for (; i < end; i += Vec::N) {
+          Vec v = Vec::load(x + i);
+          bad |= lanes_bad(v);
+          sm = vmax(sm, v);
+        }
+        sm.store(s.vals.data() + g * Vec::N);
+        vm = vmax(vm, sm);
+      }
+    } else {
+      for (; i < nv; i += Vec::N) {
+        Vec v = Vec::load(x + i);
+        bad |= lanes_bad(v);
+        vm = vmax(vm, v);
+      }
     }
     if (tail) {
       Vec v = load_tail(x + i, tail, -INFINITY);
@@ -186,6 +375,11 @@ RowPlan plan_row(const T* x, int64_t V, const RowParams& prm, bool want_raw, Scr
       plan.status = kNoFinite;
       return plan;
     }
+    if (segs > 0) {
+      auto b = s.vals.begin();
+      std::nth_element(b, b + (k_req - 1), s.vals.end(), std::greater<float>());
+      seg_cut_x = s.vals[k_req - 1];
+    }
   }
   if (prm.temperature == 0.f) return plan;  // greedy: the caller only needs m
   const float inv_t = 1.0f / prm.temperature;
@@ -196,16 +390,25 @@ RowPlan plan_row(const T* x, int64_t V, const RowParams& prm, bool want_raw, Scr
   const bool want_raw_sum = want_raw && inv_t != 1.0f;
   plan.min_p = prm.min_p;
 
-  // ---- pass 2: total mass (+ raw mass) and the ladder
-  const bool ladder = k > 0 || use_p;
-  Vec cnt[kRungs], mass[kRungs], rung[kRungs];
+  // ---- pass 2: total mass (+ raw mass) and the ladder (counts for top-k,
+  // masses for top-p alone)
+  const bool seg_mode = segs > 0;  // top-k cut already known from pass 1
+  const bool count_ladder = k > 0 && !seg_mode, mass_ladder = k == 0 && use_p;
+  const bool ladder = count_ladder || mass_ladder;
+  Vec acc[kRungs], rung[kRungs];
+  double lad[kRungs];
   for (int j = 0; j < kRungs; ++j) {
-    cnt[j] = Vec::zero();
-    mass[j] = Vec::zero();
+    acc[j] = Vec::zero();
+    lad[j] = 0.0;
     rung[j] = Vec::set1(-kRungDepth[j]);
   }
-  const Vec one = Vec::set1(1.0f), zero = Vec::zero(), guard = rung[kRungs - 1];
+  const Vec one = Vec::set1(1.0f), guard = rung[kRungs - 1];
   Vec sum = Vec::zero(), sum_raw = Vec::zero();
+  if (seg_mode) {
+    // top-k needs neither the row's total mass nor a ladder: the masses that
+    // matter are those of the top-k set, summed from the candidates
+    if (want_raw) plan.sum_raw = raw_mass(x, V, plan.m);
+  }
   auto pass2 = [&](Vec v) {
     Vec d = v - vmx;
     Vec z = d * vit;
@@ -213,30 +416,37 @@ RowPlan plan_row(const T* x, int64_t V, const RowParams& prm, bool want_raw, Scr
     sum = sum + e;
     if (want_raw_sum) sum_raw = sum_raw + vexp(d);
     if (ladder && lanes_ge(z, guard)) {
-      for (int j = 0; j < kRungs; ++j) {
-        cnt[j] = cnt[j] + select_lt(z, rung[j], zero, one);
-        mass[j] = mass[j] + select_lt(z, rung[j], zero, e);
-      }
+      const Vec w = count_ladder ? one : e;
+      for (int j = 0; j < kRungs; ++j) acc[j] = add_if_ge(acc[j], z, rung[j], w);
     }
   };
-  {
+  if (!seg_mode) {
     // float lanes summed in blocks, blocks summed in double: the total must be
     // accurate to ~1e-7 because the draw and the top-p target are shares of it
     double total = 0.0, total_raw = 0.0;
+    auto flush = [&]() {
+      total += sum.reduce_add();
+      total_raw += sum_raw.reduce_add();
+      sum = sum_raw = Vec::zero();
+      if (ladder)
+        for (int j = 0; j < kRungs; ++j) {
+          lad[j] += acc[j].reduce_add();
+          acc[j] = Vec::zero();
+        }
+    };
     constexpr int64_t kBlock = 256 * Vec::N;
     int64_t i = 0;
     while (i < nv) {
       const int64_t end = std::min(nv, i + kBlock);
       for (; i < end; i += Vec::N) pass2(Vec::load(x + i));
-      total += sum.reduce_add();
-      total_raw += sum_raw.reduce_add();
-      sum = sum_raw = Vec::zero();
+      flush();
     }
     if (tail) pass2(load_tail(x + i, tail, -INFINITY));
-    plan.sum_all = total + sum.reduce_add();
-    plan.sum_raw = want_raw_sum ? total_raw + sum_raw.reduce_add() : plan.sum_all;
+    flush();
+    plan.sum_all = total;
+    plan.sum_raw = want_raw_sum ? total_raw : plan.sum_all;
   }
-  if (!ladder && prm.min_p <= 0.f) {  // plain temperature sampling
+  if (k == 0 && !use_p && prm.min_p <= 0.f) {  // plain temperature sampling
     plan.whole_row = true;
     plan.kept_mass = plan.sum_all;
     return plan;
@@ -245,22 +455,39 @@ RowPlan plan_row(const T* x, int64_t V, const RowParams& prm, bool want_raw, Scr
   // ---- choose the cut: the smallest rung that surely holds the kept set
   float cut = -INFINITY;  // -inf: every finite token is a candidate
   float shell_top = INFINITY;
-  if (k > 0) {
+  double shell_above = 0.0;
+  if (seg_mode) {
+    cut = seg_cut_x == -INFINITY ? -INFINITY : (seg_cut_x - plan.m) * inv_t;
+  } else if (k > 0) {
     for (int j = 0; j < kRungs; ++j)
-      if (cnt[j].reduce_add() >= float(k)) {
+      if (lad[j] >= double(k)) {
         cut = -kRungDepth[j];
         break;
       }
   } else if (use_p) {
     const double target = double(prm.top_p) * plan.sum_all;
     for (int j = 0; j < kRungs; ++j)
-      if (double(mass[j].reduce_add()) >= target) {
+      if (lad[j] >= target) {
         cut = -kRungDepth[j];
         // tokens above the previous rung are surely in the nucleus: only the
         // shell between the two rungs needs the selection
-        if (j > 0) shell_top = -kRungDepth[j - 1];
+        if (j > 0) {
+          shell_top = -kRungDepth[j - 1];
+          shell_above = lad[j - 1];
+        }
         break;
       }
+    // Top-p alone: find the threshold inside the shell (often thousands of
+    // tokens) by refining ladders, and draw by walking the row.
+    if (prm.min_p <= 0.f && cut > -INFINITY) {
+      const float tp =
+          shell_threshold(x, V, plan, cut, shell_top, shell_above, target, s, plan.kept_mass);
+      if (tp > -INFINITY) {
+        plan.thresh = tp;
+        plan.whole_row = true;
+        return plan;
+      }
+    }
   }
   // min-p keeps exp(z) >= min_p, i.e. z >= log(min_p): cut there if higher
   // (with a margin: the exact test on exp(z) comes later)
@@ -370,56 +597,65 @@ int64_t first_index_of(const T* x, int64_t V, float m) {
   return 0;
 }
 
-// sum exp(x - m) over the row (the temperature-1 normalizer).
-template <typename T>
-double raw_mass(const T* x, int64_t V, float m) {
-  const int64_t nv = V - V % Vec::N;
-  const int tail = int(V - nv);
-  const Vec vm = Vec::set1(m);
-  Vec sum = Vec::zero();
-  int64_t i = 0;
-  for (; i < nv; i += Vec::N) sum = sum + vexp(Vec::load(x + i) - vm);
-  if (tail) sum = sum + vexp(load_tail(x + i, tail, -INFINITY) - vm);
-  return sum.reduce_add();
-}
-
-// Inverse-CDF draw over the whole row (no filter): first index whose running
-// mass exceeds target. Whole vectors are skipped by their lane sum.
+// Inverse-CDF draw over the whole row (no candidate buffer): first index with
+// z >= plan.thresh whose running mass exceeds target. Groups of four vectors
+// are skipped by their sum; only the group holding the target is walked lane by
+// lane (in double).
 template <typename T>
 int64_t draw_whole_row(const T* x, int64_t V, const RowPlan& plan, double target) {
   const int64_t nv = V - V % Vec::N;
-  const int tail = int(V - nv);
   const Vec vm = Vec::set1(plan.m), vit = Vec::set1(plan.inv_t);
-  double cum = 0.0;
-  int64_t last_pos = 0;
-  float eb[Vec::N];
-  auto scan = [&](Vec v, int64_t base, int lanes) -> int64_t {
-    Vec e = vexp((v - vm) * vit);
-    const double bs = e.reduce_add();
-    if (bs > 0.0) {
-      e.store(eb);
-      for (int l = lanes - 1; l >= 0; --l)
-        if (eb[l] > 0.f) {
-          last_pos = base + l;
-          break;
-        }
-    }
-    if (cum + bs <= target) {
-      cum += bs;
-      return -1;
-    }
-    for (int l = 0; l < lanes; ++l) {
-      cum += eb[l];
-      if (eb[l] > 0.f && cum > target) return base + l;
-    }
-    return -1;
+  const Vec vth = Vec::set1(plan.thresh), zero = Vec::zero();
+  auto kept_e = [&](Vec v) {
+    Vec z = (v - vm) * vit;
+    return select_lt(z, vth, zero, vexp(z));
   };
+  auto lanes = [&](int64_t from, int64_t to, double& cum, bool find) -> int64_t {
+    // walk [from, to) lane by lane; with !find return the last token with mass
+    int64_t last = -1;
+    float eb[Vec::N];
+    for (int64_t i = from; i < to; i += Vec::N) {
+      const int n = int(std::min<int64_t>(Vec::N, to - i));
+      (n == Vec::N ? kept_e(Vec::load(x + i)) : kept_e(load_tail(x + i, n, -INFINITY)))
+          .store(eb);
+      for (int l = 0; l < n; ++l) {
+        if (eb[l] <= 0.f) continue;
+        cum += eb[l];
+        last = i + l;
+        if (find && cum > target) return last;
+      }
+    }
+    return find ? -1 : last;
+  };
+  constexpr int64_t G = 4 * Vec::N;
+  double cum = 0.0;
+  int64_t last_group = -1;
   int64_t i = 0;
-  for (; i < nv; i += Vec::N)
-    if (int64_t r = scan(Vec::load(x + i), i, Vec::N); r >= 0) return r;
-  if (tail)
-    if (int64_t r = scan(load_tail(x + i, tail, -INFINITY), i, tail); r >= 0) return r;
-  return last_pos;  // rounding put the target past the end
+  for (; i + G <= nv; i += G) {
+    Vec e = kept_e(Vec::load(x + i)) + kept_e(Vec::load(x + i + Vec::N)) +
+            kept_e(Vec::load(x + i + 2 * Vec::N)) + kept_e(Vec::load(x + i + 3 * Vec::N));
+    const double gs = e.reduce_add();
+    if (gs <= 0.0) continue;
+    last_group = i;
+    if (cum + gs <= target) {
+      cum += gs;
+      continue;
+    }
+    double c = cum;
+    if (int64_t r = lanes(i, i + G, c, true); r >= 0) return r;
+    cum += gs;  // rounding: the group's lanes fell just short; go on
+  }
+  if (i < V) {
+    double c = cum;
+    if (int64_t r = lanes(i, V, c, true); r >= 0) return r;
+    double d = 0.0;
+    if (int64_t r = lanes(i, V, d, false); r >= 0) return r;
+  }
+  if (last_group >= 0) {  // rounding put the target past the end
+    double d = 0.0;
+    return lanes(last_group, last_group + G, d, false);
+  }
+  return 0;
 }
 
 // Sample one token for each of `rows` rows. Outputs: ids, log-probs (filtered and
