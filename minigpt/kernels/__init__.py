@@ -22,6 +22,7 @@ from minigpt.kernels._backend import (
 )
 from minigpt.kernels.attention import attention, attention_varlen, attention_with_kv_cache
 from minigpt.kernels.linear_cross_entropy import linear_cross_entropy
+from minigpt.kernels.quant import QuantizedWeight, quant_linear, quantize_weight
 from minigpt.kernels.rms_norm import add_rms_norm, rms_norm
 from minigpt.kernels.rope import rope, rope_cos_sin, rope_with_positions
 from minigpt.kernels.sampling import SampleOutput, repetition_penalty, sample, top_k_top_p_filter
@@ -38,6 +39,9 @@ __all__ = [
     "force_cpu_isa",
     "info",
     "linear_cross_entropy",
+    "QuantizedWeight",
+    "quant_linear",
+    "quantize_weight",
     "registered_ops",
     "rms_norm",
     "rope",

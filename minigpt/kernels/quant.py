@@ -1,0 +1,186 @@
+"""Weight-only quantization: quantize / dequantize and the mixed matmul, per format.
+
+Formats (byte layouts in :mod:`minigpt.kernels.reference.quant`):
+
+* ``int8``  per-output-channel symmetric, 1 byte per weight.
+* ``int4``  group-wise asymmetric (group 32/64/128), bf16 scale + uint8 zero
+  point per group, two weights per byte.
+* ``nf4``   block-wise absmax "normal float" 4-bit (QLoRA), two weights per byte.
+
+The mixed matmul ``y = x @ dequantize(W)^T (+ bias)`` never materializes the
+float weight on the C++ path: each packed weight byte is read once, decoded in
+registers and multiplied with every activation row (decode-time GEMV when
+M = 1, small GEMMs up to M ~ 32). For large M (prefill) a dequantize-then-GEMM
+path is faster, because a float GEMM library reuses the weights from cache
+far better; :func:`quant_linear` switches at ``LARGE_M``.
+
+Quantizing is an offline step done once per model, so ``quantize_*`` use the
+vectorized eager reference (already fast enough: a 4096x4096 matrix takes a
+fraction of a second).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.kernels._backend import cpp_available, register_op, select_backend
+from minigpt.kernels._checks import check_same_device, check_tensor
+from minigpt.kernels.reference.quant import (
+    INT4_GROUP_SIZES,
+    NF4_CODEBOOK,
+    dequantize_int4_reference,
+    dequantize_int8_reference,
+    dequantize_nf4_reference,
+    quant_linear_reference,
+    quantize_int4_reference,
+    quantize_int8_reference,
+    quantize_nf4_reference,
+    sqnr_db,
+)
+
+register_op("quant_linear", ("cpp",))
+
+FORMATS = ("int8", "int4", "nf4")
+_FMT_CODE = {"int8": 0, "int4": 1, "nf4": 2}
+LARGE_M = 48  # rows above which dequantize + float GEMM beats the fused kernel
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized (N, K) weight matrix: packed codes plus per-row/group metadata.
+
+    Attributes:
+        fmt: ``"int8"``, ``"int4"`` or ``"nf4"``.
+        qweight: int8 (N, K) for int8; uint8 (N, K // 2) for the 4-bit formats.
+        scales: float32 (N,) for int8, bfloat16 (N, K // G) for int4,
+            float32 absmax (N, K // B) for nf4.
+        zeros: uint8 (N, K // G) zero points for int4, else None.
+        shape: (N, K) of the original weight.
+        block: group size (int4) or block size (nf4); 0 for int8.
+    """
+
+    fmt: str
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    shape: tuple[int, int]
+    block: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float (N, K) approximation of the original weight."""
+        if self.fmt == "int8":
+            return dequantize_int8_reference(self.qweight, self.scales, dtype)
+        if self.fmt == "int4":
+            assert self.zeros is not None
+            return dequantize_int4_reference(self.qweight, self.scales, self.zeros, dtype)
+        return dequantize_nf4_reference(self.qweight, self.scales, dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of packed weights plus metadata (what a GEMV must read)."""
+        t = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(x.numel() * x.element_size() for x in t)
+
+
+def quantize_weight(weight: torch.Tensor, fmt: str, block: int | None = None) -> QuantizedWeight:
+    """Quantize a float (N, K) weight into ``fmt``.
+
+    Args:
+        weight: (N, K) float tensor (any float dtype; math in float32).
+        fmt: ``"int8"``, ``"int4"`` or ``"nf4"``.
+        block: int4 group size (32, 64 or 128; default 64) or nf4 block size
+            (a multiple of 32; default 64). Ignored for int8. K must be a
+            multiple of it, otherwise a ValueError says so.
+    """
+    check_tensor(weight, "weight", ndim=2, dtypes=None)
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    w = weight.detach()
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    if fmt == "int8":
+        q, s = quantize_int8_reference(w)
+        return QuantizedWeight("int8", q, s, None, shape, 0)
+    block = 64 if block is None else int(block)
+    if fmt == "int4":
+        if block not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {block}")
+        q, s, z = quantize_int4_reference(w, block)
+        return QuantizedWeight("int4", q, s, z, shape, block)
+    q, s = quantize_nf4_reference(w, block)
+    return QuantizedWeight("nf4", q, s, None, shape, block)
+
+
+def quant_linear(
+    x: torch.Tensor,
+    weight: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``y = x @ dequantize(weight)^T (+ bias)`` with a quantized weight.
+
+    Args:
+        x: (..., K) float32/bfloat16/float16 activations.
+        weight: a :class:`QuantizedWeight` of shape (N, K).
+        bias: optional (N,) float bias.
+        backend: ``"torch"`` (dequantize + float32 matmul, the reference) or
+            ``"cpp"`` (fused kernel reading packed weights once).
+
+    Returns:
+        (..., N) tensor of x's dtype, accumulated in float32.
+    """
+    check_tensor(x, "x", min_ndim=1)
+    if not isinstance(weight, QuantizedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dimension is {x.shape[-1]} but the weight has K={k} inputs")
+    if bias is not None:
+        check_tensor(bias, "bias", ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias has {bias.shape[0]} elements, expected N={n}")
+    check_same_device(x=x, qweight=weight.qweight, bias=bias)
+    chosen = select_backend("quant_linear", x.device, backend)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if chosen == "torch":
+        y = quant_linear_reference(x2, weight.dequantize(), bias)
+    elif x2.shape[0] > LARGE_M:
+        # prefill: a float GEMM library reuses weights from cache far better
+        y = F.linear(x2, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    else:
+        y = torch.ops.minigpt.quant_linear(
+            x2.contiguous(),
+            weight.qweight,
+            weight.scales,
+            weight.zeros,
+            bias,
+            _FMT_CODE[weight.fmt],
+            weight.block,
+        )
+    return y.reshape(*lead, n)
+
+
+def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Functional form of :meth:`QuantizedWeight.dequantize`."""
+    return weight.dequantize(dtype)
+
+
+if cpp_available():
+
+    @torch.library.register_fake("minigpt::quant_linear")
+    def _quant_linear_fake(x, qweight, scales, zeros, bias, fmt, block):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+__all__ = [
+    "FORMATS",
+    "NF4_CODEBOOK",
+    "QuantizedWeight",
+    "dequantize_weight",
+    "quant_linear",
+    "quantize_weight",
+    "sqnr_db",
+]
