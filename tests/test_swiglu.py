@@ -1,5 +1,9 @@
 """SwiGLU (silu(gate) * up): every backend vs the float32 reference, plus the MLP module."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -209,3 +213,18 @@ def test_large_outputs_come_from_the_reused_output_pool():
     assert float(y.sum()) == 4096 * 300
     torch.ops.minigpt.cpu_pool_empty_cache()
     assert torch.ops.minigpt.cpu_pool_cached_bytes() == 0
+
+
+def test_output_pool_can_be_turned_off():
+    # MINIGPT_CPU_POOL_MB=0: plain allocations, nothing cached (read once at import)
+    code = (
+        "import torch, minigpt.kernels as K\n"
+        "g, u = torch.randn(1024, 512), torch.randn(1024, 512)\n"
+        "y = K.swiglu(g, u, backend='cpp')\n"
+        "ref = torch.nn.functional.silu(g) * u\n"
+        "torch.testing.assert_close(y, ref)\n"
+        "del y\n"
+        "assert torch.ops.minigpt.cpu_pool_cached_bytes() == 0\n"
+    )
+    env = {**os.environ, "MINIGPT_CPU_POOL_MB": "0"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
