@@ -16,6 +16,7 @@ sampling, so the same seed gives the same ids on the same backend.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -47,6 +48,35 @@ class SampleOutput(NamedTuple):
     ids: torch.Tensor
     logprobs: torch.Tensor
     raw_logprobs: torch.Tensor
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_row(value: float | int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """A cached (rows,) CPU tensor of one value: the common scalar case costs no
+    allocation (the kernels only read these)."""
+    return torch.full((rows,), value, dtype=dtype)
+
+
+def _scalar_param(
+    value: object, name: str, *, integer: bool, low: float, high: float, low_open: bool
+) -> float | int:
+    """Validate a Python number in plain Python (cheap for batch-1 decoding)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}")
+    if integer and not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    ok = (value > low if low_open else value >= low) and value <= high  # False for NaN
+    if not ok:
+        lo = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {lo}{low}, {high}], got {value}")
+    if integer:
+        return min(int(value), 2**62)
+    if low_open:
+        return max(float(value), _TINY)
+    return float(value)
 
 
 def _row_param(
@@ -105,6 +135,26 @@ def _check_logits(logits: object) -> torch.Tensor:
 def _params(logits, temperature, top_k, top_p, min_p, *, allow_greedy: bool):
     rows, dev = logits.shape[0], logits.device
     inf = float("inf")
+    scalars = (temperature, top_k, top_p, min_p)
+    if dev.type == "cpu" and not any(isinstance(v, torch.Tensor) for v in scalars):
+        t = _scalar_param(
+            temperature, "temperature", integer=False, low=0.0, high=inf, low_open=False
+        )
+        if t == inf:
+            raise ValueError("temperature must be finite")
+        if t < _TINY:  # 1/t would overflow: greedy
+            if not allow_greedy:
+                raise ValueError("temperature must be > 0 (and a normal float32 number)")
+            t = 0.0
+        k = _scalar_param(top_k, "top_k", integer=True, low=0, high=inf, low_open=False)
+        p = _scalar_param(top_p, "top_p", integer=False, low=0.0, high=1.0, low_open=True)
+        mp = _scalar_param(min_p, "min_p", integer=False, low=0.0, high=1.0, low_open=False)
+        return (
+            _constant_row(t, rows, torch.float32),
+            _constant_row(k, rows, torch.int64),
+            _constant_row(p, rows, torch.float32),
+            _constant_row(mp, rows, torch.float32),
+        )
     t = _row_param(
         temperature,
         "temperature",
@@ -162,6 +212,8 @@ def _run_checked(run, logits: torch.Tensor, invalid_as_neg_inf: bool):
     """
     outs = list(run(logits, None))
     status = outs[-1]
+    if not bool(status.any()):  # the common case: one cheap check
+        return outs[:-1]
     bad = status == _BAD_VALUE
     if invalid_as_neg_inf and bool(bad.any()):
         rows = torch.nonzero(bad).squeeze(1)
