@@ -266,3 +266,11 @@ def test_fit_writes_logs_and_checkpoints(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().count('"kind": "train"') == 3
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+def test_time_budget_keeps_the_reserve():
+    trainer = make_trainer(max_steps=0, time_budget_s=2.0, optim={"warmup_steps": 0})
+    trainer.reserve_s = lambda: 1.6  # e.g. the time a final evaluation will take
+    trainer.fit()
+    assert 0.4 <= trainer.elapsed_s < 2.0
+    assert trainer.progress() == 1.0

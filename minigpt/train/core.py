@@ -367,6 +367,10 @@ class Trainer:
         sample_fn: ``sample_fn(model) -> list[str]``, generations to print/log.
         run_dir: where metrics, plots and ``checkpoints/`` go (None: nowhere).
         extra_state: JSON-safe dict saved in every checkpoint (e.g. tokenizer info).
+        reserve_s: ``reserve_s() -> seconds`` of a time budget to leave unused for
+            work after :meth:`fit` (a final full evaluation...). It is asked again
+            at every step, so it can use :attr:`eval_seconds_per_batch`, measured
+            at each evaluation.
     """
 
     def __init__(
@@ -383,6 +387,7 @@ class Trainer:
         sample_fn: Callable[[nn.Module], list[str]] | None = None,
         run_dir: str | Path | None = None,
         extra_state: dict[str, Any] | None = None,
+        reserve_s: Callable[[], float] | None = None,
     ) -> None:
         if train_config.max_steps <= 0 and train_config.time_budget_s <= 0:
             raise ValueError(
@@ -404,6 +409,8 @@ class Trainer:
         self.bytes_per_token = bytes_per_token
         self.sample_fn = sample_fn
         self.extra_state = extra_state or {}
+        self.reserve_s = reserve_s
+        self.eval_seconds_per_batch = 0.0  # measured by evaluate()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.logger = RunLogger(self.run_dir) if self.run_dir is not None else None
         self.checkpoints = (
@@ -430,8 +437,13 @@ class Trainer:
         if cfg.max_steps > 0:
             parts.append(step_progress(self.step, warm, cfg.max_steps))
         if cfg.time_budget_s > 0:
-            parts.append(self.elapsed_s / cfg.time_budget_s)
+            parts.append(self.elapsed_s / self.train_seconds())
         return min(max(parts), 1.0)
+
+    def train_seconds(self) -> float:
+        """The time budget minus what ``reserve_s()`` asks to keep for after training."""
+        reserve = self.reserve_s() if self.reserve_s is not None else 0.0
+        return max(self.config.time_budget_s - reserve, 1e-3)
 
     def lr(self) -> float:
         """The learning rate of the next optimizer step."""
@@ -449,7 +461,7 @@ class Trainer:
         cfg = self.config
         if cfg.max_steps > 0 and self.step >= cfg.max_steps:
             return True
-        return cfg.time_budget_s > 0 and self.elapsed_s >= cfg.time_budget_s
+        return cfg.time_budget_s > 0 and self.elapsed_s >= self.train_seconds()
 
     def _tick(self) -> None:
         self.elapsed_s = self._session_elapsed0 + time.perf_counter() - self._session_start
@@ -514,9 +526,11 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         nats, count, n_bytes = 0.0, 0, 0.0
+        t0, n_batches = time.perf_counter(), 0
         for i, batch in enumerate(self.val_batches()):
             if i >= max_batches:
                 break
+            n_batches += 1
             batch = to_device(batch, self.device)
             with self.autocast():
                 loss = self.loss_fn(self.model, batch).float()
@@ -528,6 +542,7 @@ class Trainer:
             if self.token_bytes is not None:
                 n_bytes += float(self.token_bytes.to(targets.device)[targets[valid]].sum())
         self.model.train(was_training)
+        self.eval_seconds_per_batch = (time.perf_counter() - t0) / max(n_batches, 1)
         if count == 0:
             raise ValueError("the validation set produced no target tokens")
         val_loss = nats / count

@@ -104,7 +104,8 @@ class PretrainConfig:
     Attributes:
         budget_minutes: wall-time budget of the whole job (0 = use
             ``train.max_steps`` / ``train.time_budget_s`` as given).
-        final_reserve_s: seconds kept back for the final evaluation and samples.
+        final_reserve_s: seconds kept back for samples and saving at the end (the
+            final evaluation's time is reserved too, estimated from the periodic ones).
         threads: torch intra-op threads (0 = torch's default).
         model: :class:`minigpt.model.GPTConfig` fields plus an optional
             ``preset`` name they override; ``vocab_size`` comes from the tokenizer.
@@ -116,7 +117,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=_default_optim)
     sample: SampleConfig = field(default_factory=SampleConfig)
     budget_minutes: float = 10.0
-    final_reserve_s: float = 20.0
+    final_reserve_s: float = 15.0
     threads: int = 2
 
 
@@ -261,7 +262,7 @@ def pretrain(
         )
     if cfg.budget_minutes > 0:
         setup_s = time.perf_counter() - t_start
-        left = cfg.budget_minutes * 60 - setup_s - cfg.final_reserve_s
+        left = cfg.budget_minutes * 60 - setup_s - cfg.final_reserve_s  # samples, saving
         if left <= 0:
             raise ValueError(
                 f"budget_minutes={cfg.budget_minutes} leaves no time to train after "
@@ -294,6 +295,8 @@ def pretrain(
         sample_fn=make_sample_fn(tokenizer, cfg.sample),
         run_dir=run_dir,
         extra_state={"tokenizer_fingerprint": tokenizer.fingerprint},
+        # keep time for the final full-split evaluation, priced at the measured rate
+        reserve_s=lambda: trainer.eval_seconds_per_batch * (n_val_batches + tc.eval_batches),
     )
     if resume_path is not None:
         trainer.resume(resume_path)
