@@ -97,3 +97,10 @@ def test_shipped_configs_load():
     assert configs, "configs/*.yaml missing"
     for path in configs:
         load_config(PretrainConfig, path)
+
+
+def test_shipped_default_config_is_the_main_job():
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "configs" / "pretrain_shakespeare.yaml"
+    assert load_config(PretrainConfig, path) == PretrainConfig()
