@@ -1,5 +1,7 @@
 """linear_cross_entropy: every backend, dtype, ISA and reduction vs the float32 reference."""
 
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -37,13 +39,20 @@ def _inputs(n, h, v, dtype, *, ignore_every=0, bias=False, batch=None):
     return inputs
 
 
-def _check(inputs, backend, reduction="mean", softcap=None, chunk_size=None):
+def _check(inputs, backend, reduction="mean", softcap=None, chunk_size=None, z_loss=0.0):
     grads = ("hidden", "weight") + (("bias",) if "bias" in inputs else ())
     check_op(
         lambda **kw: linear_cross_entropy(
-            **kw, reduction=reduction, softcap=softcap, chunk_size=chunk_size, backend=backend
+            **kw,
+            reduction=reduction,
+            softcap=softcap,
+            z_loss=z_loss,
+            chunk_size=chunk_size,
+            backend=backend,
         ),
-        lambda **kw: linear_cross_entropy_reference(**kw, reduction=reduction, softcap=softcap),
+        lambda **kw: linear_cross_entropy_reference(
+            **kw, reduction=reduction, softcap=softcap, z_loss=z_loss
+        ),
         inputs,
         grads=grads,
         dtype=inputs["hidden"].dtype,
@@ -69,10 +78,10 @@ def test_cpp_matches_reference(dtype, shape, isa):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("softcap", [None, 2.5])
-def test_cpp_every_reduction_softcap_bias(dtype, reduction, softcap):
+@pytest.mark.parametrize("softcap, z_loss", [(None, 0.0), (2.5, 0.0), (None, 0.05)])
+def test_cpp_every_reduction_softcap_zloss_bias(dtype, reduction, softcap, z_loss):
     inputs = _inputs(61, 24, 301, dtype, ignore_every=4, bias=True)
-    _check(inputs, "cpp", reduction, softcap=softcap, chunk_size=16)
+    _check(inputs, "cpp", reduction, softcap=softcap, chunk_size=16, z_loss=z_loss)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -81,7 +90,26 @@ def test_cpp_every_reduction_softcap_bias(dtype, reduction, softcap):
 def test_triton_matches_reference(dtype, shape, reduction):
     n, h, v = shape
     inputs = _inputs(n, h, v, dtype, ignore_every=3 if n > 3 else 0, bias=n > 1)
-    _check(inputs, "triton", reduction, softcap=3.0 if n > 1 else None, chunk_size=4)
+    big = n > 1
+    _check(
+        inputs,
+        "triton",
+        reduction,
+        softcap=3.0 if big else None,
+        chunk_size=4,
+        z_loss=0.05 if big else 0.0,
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "torch"])
+def test_return_lse(backend):
+    inputs = _inputs(11, 5, 40, torch.float32, ignore_every=4, batch=3)
+    loss, lse = linear_cross_entropy(**inputs, return_lse=True, backend=backend, chunk_size=2)
+    logits = inputs["hidden"] @ inputs["weight"].t()
+    expected = torch.logsumexp(logits, -1).masked_fill(inputs["targets"] == IGNORE, 0.0)
+    assert lse.shape == inputs["targets"].shape and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, expected)
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(**inputs))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 10, 96, 97, 500, None])
@@ -172,6 +200,8 @@ def _bad(**over):
         (_bad(softcap=0.0), ValueError, "softcap"),
         (_bad(softcap="30"), TypeError, "softcap"),
         (_bad(chunk_size=0), ValueError, "chunk_size"),
+        (_bad(z_loss=-1.0), ValueError, "z_loss"),
+        (_bad(z_loss=None), TypeError, "z_loss"),
         (_bad(ignore_index=1.5), TypeError, "ignore_index"),
         (_bad(hidden=[[1.0] * 8] * 4), TypeError, "hidden"),
     ],
@@ -185,12 +215,14 @@ def test_kernel_rejects_out_of_range_target_without_crashing():
     logits = torch.randn(3, 5)
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.minigpt.cross_entropy_chunk(
-            logits, torch.tensor([0, 5, 1]), None, None, 1.0, IGNORE, 0.0, True
+            logits, torch.tensor([0, 5, 1]), None, None, 1.0, IGNORE, 0.0, 0.0, True
         )
     from minigpt.kernels.triton.cross_entropy import cross_entropy_chunk
 
     with pytest.raises(ValueError, match="outside"):
-        cross_entropy_chunk(logits, torch.tensor([0, -3, 1]), None, None, 1.0, IGNORE, 0.0, True)
+        cross_entropy_chunk(
+            logits, torch.tensor([0, -3, 1]), None, None, 1.0, IGNORE, 0.0, 0.0, True
+        )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -254,3 +286,23 @@ def test_property_matches_reference_or_raises(data):
         inputs["hidden"].dtype, (2e-3, 2e-3)
     )
     torch.testing.assert_close(loss, ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_dw_in_vocab_blocks(monkeypatch, dtype):
+    # (the package attribute of that name is the function, hence sys.modules)
+    lce = sys.modules["minigpt.kernels.linear_cross_entropy"]
+    monkeypatch.setattr(lce, "DW_BLOCK_ELEMENTS", 7 * 12)  # blocks of 7 vocab rows
+    _check(_inputs(30, 12, 50, dtype, ignore_every=4, bias=True), "cpp", chunk_size=8)
+
+
+def test_grad_scaling_and_second_backward_is_refused():
+    inputs = _inputs(10, 8, 20, torch.float32)
+    h = inputs["hidden"].requires_grad_()
+    loss = linear_cross_entropy(h, inputs["weight"], inputs["targets"])
+    (3.0 * loss).backward(retain_graph=True)
+    ref_h = h.detach().clone().requires_grad_()
+    (3.0 * linear_cross_entropy_reference(ref_h, inputs["weight"], inputs["targets"])).backward()
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()  # the saved gradients were scaled in place by the first pass

@@ -7,7 +7,7 @@
 //
 //   torch.ops.minigpt.cross_entropy_chunk(Tensor(a!) logits, Tensor targets,
 //       Tensor? lse_in, Tensor? row_scale, float scale, int ignore_index,
-//       float softcap, bool write_grad) -> (Tensor loss, Tensor lse)
+//       float softcap, float z_loss, bool write_grad) -> (Tensor loss, Tensor lse)
 //
 // on a 2-D contiguous (rows, V) logits chunk. With write_grad the logits are
 // overwritten in place by the gradient of the loss (so the caller's chunk
@@ -43,7 +43,7 @@ void check_row_vector(const std::optional<at::Tensor>& t, int64_t rows, const ch
 std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk(
     const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& lse_in,
     const std::optional<at::Tensor>& row_scale, double scale, int64_t ignore_index, double softcap,
-    bool write_grad) {
+    double z_loss, bool write_grad) {
   check_cpu_contiguous(logits, "logits");
   check_cpu_contiguous(targets, "targets");
   TORCH_CHECK(logits.dim() == 2, "cross_entropy_chunk: logits must be 2-D (rows, V)");
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk(
     at::parallel_for(0, rows, row_grain(V), [&](int64_t b, int64_t e) {
       kernel(xp + b * V, tp + b, lp + b, zp + b, lse_in_p ? lse_in_p + b : nullptr,
              scale_p ? scale_p + b : nullptr, float(scale), ignore_index, float(softcap),
-             write_grad, e - b, V);
+             float(z_loss), write_grad, e - b, V);
     });
   });
   return {loss, lse};
@@ -86,7 +86,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk(
 TORCH_LIBRARY_FRAGMENT(minigpt, m) {
   m.def(
       "cross_entropy_chunk(Tensor(a!) logits, Tensor targets, Tensor? lse_in, Tensor? row_scale, "
-      "float scale, int ignore_index, float softcap, bool write_grad) -> (Tensor, Tensor)");
+      "float scale, int ignore_index, float softcap, float z_loss, bool write_grad) -> (Tensor, "
+      "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(minigpt, CPU, m) {

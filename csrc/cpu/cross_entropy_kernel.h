@@ -6,8 +6,9 @@
 //
 //   y      = softcap > 0 ? softcap * tanh(x / softcap) : x     (optional logit capping)
 //   lse    = log(sum_j exp(y_j))                                (max-shifted, float32)
-//   loss   = lse - y_t
-//   grad_j = (exp(y_j - lse) - [j == t]) * scale * dy_j/dx_j    (written over x, in place)
+//   loss   = lse - y_t + z_loss * lse^2                         (z-loss: keeps lse near 0)
+//   grad_j = (exp(y_j - lse) * (1 + 2 z_loss lse) - [j == t]) * scale * dy_j/dx_j
+//                                                               (written over x, in place)
 //
 // Ignored rows get loss 0, lse 0 and a zero gradient row. When `lse_in` is given
 // (the backward of reduction="none") the max / sum passes are skipped and the
@@ -32,8 +33,8 @@ inline Vec ce_cap(Vec x, Vec cap, Vec inv_cap) {
 template <typename T, bool kCap>
 void cross_entropy_rows_impl(T* logits, const int64_t* targets, float* loss, float* lse_out,
                              const float* lse_in, const float* row_scale, float scale,
-                             int64_t ignore_index, float softcap, bool write_grad, int64_t rows,
-                             int64_t V) {
+                             int64_t ignore_index, float softcap, float z_loss, bool write_grad,
+                             int64_t rows, int64_t V) {
   const int64_t nv = V - V % Vec::N;  // end of the full-vector part of a row
   const int tail = int(V - nv);
   const float inv_cap_s = kCap ? 1.0f / softcap : 1.0f;
@@ -77,13 +78,14 @@ void cross_entropy_rows_impl(T* logits, const int64_t* targets, float* loss, flo
       lse = m + std::log(s);
     }
     const float y_t = cap_scalar(to_f32(xr[t]));
-    loss[r] = lse - y_t;
+    loss[r] = lse - y_t + z_loss * lse * lse;
     if (lse_out) lse_out[r] = lse;
     if (!write_grad) continue;
     // Pass 3: overwrite the logits with d loss / d logits = softmax - onehot
     // (times the chain factor of the softcap), scaled by the upstream gradient.
     const float sc = row_scale ? row_scale[r] : scale;
-    const Vec vlse = Vec::set1(lse), vsc = Vec::set1(sc), one = Vec::set1(1.0f);
+    const float zc = 1.0f + 2.0f * z_loss * lse;  // d(z lse^2)/d lse adds 2 z lse * softmax
+    const Vec vlse = Vec::set1(lse), vsc = Vec::set1(sc * zc), one = Vec::set1(1.0f);
     auto grad = [&](Vec x) {
       if constexpr (kCap) {
         Vec th = ce_vtanh(x * inv_cap);
@@ -96,7 +98,7 @@ void cross_entropy_rows_impl(T* logits, const int64_t* targets, float* loss, flo
     for (; i < nv; i += Vec::N) grad(Vec::load(xr + i)).store(xr + i);
     if (tail) grad(Vec::load_partial(xr + i, tail)).store_partial(xr + i, tail);
     // the target column: (p_t - 1) * scale * chain, from the saved capped logit
-    float g_t = (std::exp(y_t - lse) - 1.0f) * sc;
+    float g_t = (std::exp(y_t - lse) * zc - 1.0f) * sc;
     if (kCap) {
       const float th = y_t * inv_cap_s;
       g_t *= 1.0f - th * th;
@@ -108,12 +110,12 @@ void cross_entropy_rows_impl(T* logits, const int64_t* targets, float* loss, flo
 template <typename T>
 void cross_entropy_rows(T* logits, const int64_t* targets, float* loss, float* lse_out,
                         const float* lse_in, const float* row_scale, float scale,
-                        int64_t ignore_index, float softcap, bool write_grad, int64_t rows,
-                        int64_t V) {
+                        int64_t ignore_index, float softcap, float z_loss, bool write_grad,
+                        int64_t rows, int64_t V) {
   if (softcap > 0.0f)
     cross_entropy_rows_impl<T, true>(logits, targets, loss, lse_out, lse_in, row_scale, scale,
-                                     ignore_index, softcap, write_grad, rows, V);
+                                     ignore_index, softcap, z_loss, write_grad, rows, V);
   else
     cross_entropy_rows_impl<T, false>(logits, targets, loss, lse_out, lse_in, row_scale, scale,
-                                      ignore_index, softcap, write_grad, rows, V);
+                                      ignore_index, softcap, z_loss, write_grad, rows, V);
 }

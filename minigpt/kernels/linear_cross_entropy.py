@@ -24,6 +24,10 @@ which cannot be applied to an already-summed dW, so the forward pass only saves
 the float32 logsumexp per row and backward redoes the chunk loop with the exact
 per-row scales (one extra logits matmul; no max/sum passes).
 
+Extras that cost nothing because the kernel has the row's logsumexp at hand:
+``z_loss`` (PaLM's ``z * lse**2`` auxiliary loss, folded into the gradient) and
+``return_lse`` (the per-row logsumexp, for logging).
+
 Rows whose target is ``ignore_index`` are dropped before any matmul (prompt
 masking in fine-tuning often ignores half the rows, and they cost nothing here).
 
@@ -56,6 +60,9 @@ register_op("linear_cross_entropy", ("cpp", "triton"))
 REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 64 * 2**20  # target size of one chunk of logits
 MIN_CHUNK_ROWS = 64  # below this the matmuls and the dW update lose efficiency
+# bf16/fp16: dW partials are computed for this many elements of vocabulary rows at
+# a time (8M = 16 MiB) rather than for the whole (V, H) matrix at once
+DW_BLOCK_ELEMENTS = 8 * 2**20
 
 
 def default_chunk_rows(n_rows: int, vocab: int, itemsize: int = 4) -> int:
@@ -99,6 +106,7 @@ def _chunk_logits(h, weight, bias, out):
 
 
 def _accumulate_grads(grad, h, weight, post_scale, dh_out, dw_acc, dw_tmp, db_acc):
+    # dw_tmp: low-precision scratch for a block of dW rows (see _dw_block_rows)
     """dh = grad @ W; dW += grad^T h; db += sum(grad), with dW/db in float32."""
     if dh_out is not None:
         torch.mm(grad, weight, out=dh_out)
@@ -107,8 +115,14 @@ def _accumulate_grads(grad, h, weight, post_scale, dh_out, dw_acc, dw_tmp, db_ac
     if dw_acc is not None:
         if grad.dtype == torch.float32:
             dw_acc.addmm_(grad.t(), h, alpha=post_scale)
-        else:  # CPU has no low-precision matmul with a float32 output: add the partial
-            dw_acc.add_(torch.mm(grad.t(), h, out=dw_tmp), alpha=post_scale)
+        else:
+            # CPU has no low-precision matmul with a float32 output: compute the
+            # partial in blocks of vocabulary rows and add each to the accumulator
+            vb = dw_tmp.shape[0]
+            for v0 in range(0, dw_acc.shape[0], vb):
+                v1 = min(v0 + vb, dw_acc.shape[0])
+                part = torch.mm(grad[:, v0:v1].t(), h, out=dw_tmp[: v1 - v0])
+                dw_acc[v0:v1].add_(part, alpha=post_scale)
     if db_acc is not None:
         db_acc.add_(grad.sum(0, dtype=torch.float32), alpha=post_scale)
 
@@ -120,6 +134,7 @@ def _run_chunks(
     targets: torch.Tensor,
     ignore_index: int,
     softcap: float,
+    z_loss: float,
     chunk_size: int,
     backend: str,
     *,
@@ -156,8 +171,11 @@ def _run_chunks(
     dw_acc = torch.zeros(V, H, **f32) if need_dw else None
     db_acc = torch.zeros(V, **f32) if need_db else None
     low_precision_dw = need_dw and hidden.dtype != torch.float32 and n_valid > 0
+    dw_rows = max(1, min(V, DW_BLOCK_ELEMENTS // max(H, 1)))
     dw_tmp = (
-        torch.empty(V, H, device=hidden.device, dtype=hidden.dtype) if low_precision_dw else None
+        torch.empty(dw_rows, H, device=hidden.device, dtype=hidden.dtype)
+        if low_precision_dw
+        else None
     )
     rows = max(1, min(chunk_size, n_valid))
     buf = torch.empty(rows, V, device=hidden.device, dtype=hidden.dtype) if n_valid else None
@@ -173,6 +191,7 @@ def _run_chunks(
             kernel_scale,
             ignore_index,
             softcap,
+            z_loss,
             write_grad,
         )
         if write_grad:
@@ -212,6 +231,7 @@ def _lce_fwd(
     ignore_index: int,
     reduction: str,
     softcap: float,
+    z_loss: float,
     chunk_size: int,
     backend: str,
     need_dh: bool,
@@ -231,6 +251,7 @@ def _lce_fwd(
         targets,
         ignore_index,
         softcap,
+        z_loss,
         chunk_size,
         backend,
         lse_in=None,
@@ -256,6 +277,7 @@ def _lce_fwd_fake(
     ignore_index,
     reduction,
     softcap,
+    z_loss,
     chunk_size,
     backend,
     need_dh,
@@ -285,6 +307,7 @@ def _lce_bwd(
     grad_rows: torch.Tensor,
     ignore_index: int,
     softcap: float,
+    z_loss: float,
     chunk_size: int,
     backend: str,
     need_dh: bool,
@@ -300,6 +323,7 @@ def _lce_bwd(
         targets,
         ignore_index,
         softcap,
+        z_loss,
         chunk_size,
         backend,
         lse_in=lse,
@@ -320,6 +344,7 @@ def _lce_bwd_fake(
     grad_rows,
     ignore_index,
     softcap,
+    z_loss,
     chunk_size,
     backend,
     need_dh,
@@ -347,6 +372,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index,
         reduction,
         softcap,
+        z_loss,
         chunk,
         backend,
         need_dh,
@@ -361,6 +387,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             ignore_index,
             reduction,
             softcap,
+            z_loss,
             chunk,
             backend,
             need_dh,
@@ -368,16 +395,17 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             need_db,
         )
         ctx.reduction = reduction
-        ctx.args = (ignore_index, softcap, chunk, backend, need_dh, need_dw, need_db)
+        ctx.args = (ignore_index, softcap, z_loss, chunk, backend, need_dh, need_dw, need_db)
         if reduction == "none":
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
         else:
             ctx.save_for_backward(dh, dw, db)
-        return loss
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
 
     @staticmethod
-    def backward(ctx, grad_loss):  # type: ignore[override]
-        ignore_index, softcap, chunk, backend, need_dh, need_dw, need_db = ctx.args
+    def backward(ctx, grad_loss, grad_lse):  # type: ignore[override]
+        ignore_index, softcap, z_loss, chunk, backend, need_dh, need_dw, need_db = ctx.args
         if ctx.reduction == "none":
             hidden, weight, bias, targets, lse = ctx.saved_tensors
             dh, dw, db = torch.ops.minigpt.linear_cross_entropy_bwd(
@@ -389,6 +417,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_loss.contiguous(),
                 ignore_index,
                 softcap,
+                z_loss,
                 chunk,
                 backend,
                 need_dh,
@@ -397,19 +426,22 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             )
         else:
             dh, dw, db = ctx.saved_tensors
-            # the loss is a scalar: its upstream gradient only rescales
-            dh = dh * grad_loss.to(dh.dtype) if need_dh else None
-            dw = dw * grad_loss.to(dw.dtype) if need_dw else None
-            db = db * grad_loss.to(db.dtype) if need_db else None
+            # The loss is a scalar: its upstream gradient only rescales. In place, so
+            # no second (V, H) copy exists at the peak and autograd can hand the
+            # buffers straight to .grad (a second backward through this node then
+            # fails with autograd's "modified by an inplace operation" error).
+            dh = dh.mul_(grad_loss) if need_dh else None
+            dw = dw.mul_(grad_loss) if need_dw else None
+            db = db.mul_(grad_loss) if need_db else None
         return (
             dh if need_dh else None,
             dw if need_dw else None,
             db if need_db else None,
-            *([None] * 9),
+            *([None] * 10),
         )
 
 
-def _check(hidden, weight, targets, ignore_index, reduction, bias, softcap, chunk_size):
+def _check(hidden, weight, targets, ignore_index, reduction, bias, softcap, z_loss, chunk_size):
     check_tensor(hidden, "hidden", ndim=(2, 3))
     check_tensor(weight, "weight", ndim=2)
     check_tensor(targets, "targets", dtypes=(torch.int64,))
@@ -443,6 +475,10 @@ def _check(hidden, weight, targets, ignore_index, reduction, bias, softcap, chun
             raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
         if not (0.0 < float(softcap) < float("inf")):
             raise ValueError(f"softcap must be a finite number > 0, got {softcap}")
+    if isinstance(z_loss, bool) or not isinstance(z_loss, (int, float)):
+        raise TypeError(f"z_loss must be a float, got {type(z_loss).__name__}")
+    if not (0.0 <= float(z_loss) < float("inf")):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
             raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
@@ -459,9 +495,11 @@ def linear_cross_entropy(
     *,
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    z_loss: float = 0.0,
+    return_lse: bool = False,
     chunk_size: int | None = None,
     backend: str | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` vs ``targets``, without the logits.
 
     Same result as ``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` (in
@@ -481,12 +519,21 @@ def linear_cross_entropy(
             loss of ``targets``' shape, 0 at ignored rows).
         bias: optional (V,) LM-head bias, of hidden's dtype.
         softcap: optional logit cap ``c``: the softmax sees ``c * tanh(logits / c)``.
+        z_loss: weight ``z`` of the auxiliary z-loss: every counted row adds
+            ``z * lse**2`` (``lse`` = logsumexp of its logits), which keeps the
+            softmax normalizer near 1 in long bf16 runs (PaLM uses 1e-4). Free:
+            the kernel has ``lse`` at hand and folds ``2 z lse softmax`` into the
+            gradient it already writes.
+        return_lse: also return the float32 per-row logsumexp (shape of
+            ``targets``, 0 at ignored rows, not differentiable), e.g. to log the
+            z-statistics. Free: the kernel computes it anyway.
         chunk_size: rows per chunk (default :func:`default_chunk_rows`: about 64 MiB
             of logits per chunk).
         backend: ``"torch"`` (the eager reference), ``"cpp"`` or ``"triton"``.
 
     Returns:
-        The float32 loss (a scalar, or per row for ``"none"``), differentiable
+        The float32 loss (a scalar, or per row for ``"none"``), or ``(loss, lse)``
+        with ``return_lse``. The loss is differentiable
         with respect to hidden, weight and bias. Matmuls run in the input dtype
         (float32 accumulation inside torch's GEMMs); the softmax/log math runs in
         float32; dW and db are summed over chunks in float32, then cast.
@@ -497,11 +544,16 @@ def linear_cross_entropy(
         >>> torch.allclose(linear_cross_entropy(h, W, t), ref, atol=1e-5)
         True
     """
-    _check(hidden, weight, targets, ignore_index, reduction, bias, softcap, chunk_size)
+    _check(hidden, weight, targets, ignore_index, reduction, bias, softcap, z_loss, chunk_size)
     chosen = select_backend("linear_cross_entropy", hidden.device, backend)
     if chosen == "torch":
-        return linear_cross_entropy_reference(
-            hidden, weight, targets, ignore_index, reduction, bias, softcap
+        loss = linear_cross_entropy_reference(
+            hidden, weight, targets, ignore_index, reduction, bias, softcap, float(z_loss)
+        )
+        return (
+            (loss, _reference_lse(hidden, weight, targets, ignore_index, bias, softcap))
+            if return_lse
+            else loss
         )
     H, V = hidden.shape[-1], weight.shape[0]
     h2 = hidden.reshape(-1, H).contiguous()
@@ -512,7 +564,7 @@ def linear_cross_entropy(
         else default_chunk_rows(h2.shape[0], V, h2.element_size())
     )
     grad_on = torch.is_grad_enabled()
-    loss = _LinearCrossEntropyFunction.apply(
+    loss, lse = _LinearCrossEntropyFunction.apply(
         h2,
         weight.contiguous(),
         None if bias is None else bias.contiguous(),
@@ -520,20 +572,36 @@ def linear_cross_entropy(
         ignore_index,
         reduction,
         0.0 if softcap is None else float(softcap),
+        float(z_loss),
         chunk,
         chosen,
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    return loss.view(targets.shape) if reduction == "none" else loss
+    if reduction == "none":
+        loss = loss.view(targets.shape)
+    return (loss, lse.view(targets.shape)) if return_lse else loss
+
+
+def _reference_lse(hidden, weight, targets, ignore_index, bias, softcap) -> torch.Tensor:
+    """Per-row float32 logsumexp for ``return_lse`` on the torch backend."""
+    with torch.no_grad():
+        h = hidden.reshape(-1, hidden.shape[-1]).float()
+        logits = torch.nn.functional.linear(
+            h, weight.float(), None if bias is None else bias.float()
+        )
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        lse = torch.logsumexp(logits, dim=-1).view(targets.shape)
+        return torch.where(targets != ignore_index, lse, 0.0)
 
 
 if cpp_available():
     # Shapes of the C++ chunk op for torch.compile / meta tensors (no data is touched).
     @torch.library.register_fake("minigpt::cross_entropy_chunk")
     def _cross_entropy_chunk_fake(
-        logits, targets, lse_in, row_scale, scale, ignore_index, softcap, write_grad
+        logits, targets, lse_in, row_scale, scale, ignore_index, softcap, z_loss, write_grad
     ):
         rows = logits.shape[0]
         return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(

@@ -21,6 +21,7 @@ class LinearCrossEntropyLoss(nn.Module):
         ignore_index: target value of positions that do not count (padding, prompts).
         reduction: ``"mean"`` (over counted positions), ``"sum"`` or ``"none"``.
         softcap: optional logit cap (``softcap * tanh(logits / softcap)``).
+        z_loss: weight of the auxiliary ``z_loss * logsumexp(logits)**2`` term (0 = off).
         chunk_size: rows per chunk; ``None`` picks ~64 MiB of logits per chunk.
 
     Example:
@@ -34,12 +35,14 @@ class LinearCrossEntropyLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         softcap: float | None = None,
+        z_loss: float = 0.0,
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.softcap = softcap
+        self.z_loss = z_loss
         self.chunk_size = chunk_size
 
     def forward(
@@ -58,11 +61,12 @@ class LinearCrossEntropyLoss(nn.Module):
             self.reduction,
             bias=bias,
             softcap=self.softcap,
+            z_loss=self.z_loss,
             chunk_size=self.chunk_size,
         )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"softcap={self.softcap}, chunk_size={self.chunk_size}"
+            f"softcap={self.softcap}, z_loss={self.z_loss}, chunk_size={self.chunk_size}"
         )

@@ -25,6 +25,7 @@ def linear_cross_entropy_reference(
     reduction: str = "mean",
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, in float32.
 
@@ -39,6 +40,8 @@ def linear_cross_entropy_reference(
         bias: optional (V,) bias of the LM head.
         softcap: if set, logits are capped as ``softcap * tanh(logits / softcap)``
             before the softmax (Gemma-2 style).
+        z_loss: weight of the auxiliary z-loss ``z_loss * logsumexp(logits)**2`` added
+            to every counted row (PaLM): it keeps the softmax normalizer near 1.
 
     Returns:
         A float32 scalar (mean/sum) or a float32 tensor of ``targets``' shape (none).
@@ -49,6 +52,9 @@ def linear_cross_entropy_reference(
         logits = softcap * torch.tanh(logits / softcap)
     t = targets.reshape(-1)
     per_row = F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="none")
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        per_row = per_row + torch.where(t != ignore_index, z_loss * lse * lse, 0.0)
     if reduction == "none":
         return per_row.view(targets.shape)
     if reduction == "sum":

@@ -5,7 +5,8 @@ BLOCK_V slices twice:
 
 1. an online logsumexp: running max ``m`` and running sum ``s`` of ``exp(y - m)``,
    rescaled whenever the max grows, so any V fits in registers;
-2. the gradient ``(exp(y - lse) - onehot) * scale`` written over the logits in place.
+2. the gradient ``(exp(y - lse) * (1 + 2 z lse) - onehot) * scale`` written over
+   the logits in place (``z`` is the optional z-loss weight: loss += z * lse**2).
 
 ``y`` is the (optionally soft-capped) logit; all math is float32 whatever the
 storage dtype. The matmuls around this kernel (logits = h @ W^T, dh = grad @ W,
@@ -44,6 +45,7 @@ def _cross_entropy_chunk_kernel(
     scale,
     ignore_index,
     softcap,
+    z_loss,
     HAS_LSE_IN: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr,
     HAS_CAP: tl.constexpr,
@@ -72,16 +74,17 @@ def _cross_entropy_chunk_kernel(
             m = m_new
         lse = m + tl.log(s)
     y_t = _capped(tl.load(base + t_safe).to(tl.float32), softcap, HAS_CAP)
-    tl.store(loss_ptr + row, tl.where(valid, lse - y_t, 0.0))
+    tl.store(loss_ptr + row, tl.where(valid, lse - y_t + z_loss * lse * lse, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if WRITE_GRAD:
         sc = tl.load(row_scale_ptr + row) if HAS_ROW_SCALE else scale
         sc = tl.where(valid, sc, 0.0)  # ignored rows get an all-zero gradient
+        zc = 1.0 + 2.0 * z_loss * lse  # the z-loss adds 2 z lse * softmax
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             x = tl.load(base + start + cols, mask=mask, other=0.0).to(tl.float32)
             y = _capped(x, softcap, HAS_CAP)
-            g = tl.exp(y - lse) - tl.where(start + cols == t, 1.0, 0.0)
+            g = tl.exp(y - lse) * zc - tl.where(start + cols == t, 1.0, 0.0)
             if HAS_CAP:
                 th = y / softcap
                 g = g * (1.0 - th * th)
@@ -103,6 +106,7 @@ def cross_entropy_chunk(
     scale: float,
     ignore_index: int,
     softcap: float,
+    z_loss: float,
     write_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, V) chunk step: returns float32 (loss, lse) per row; with ``write_grad``
@@ -129,6 +133,7 @@ def cross_entropy_chunk(
         float(scale),
         int(ignore_index),
         float(softcap) if softcap > 0 else 1.0,
+        float(z_loss),
         HAS_LSE_IN=lse_in is not None,
         HAS_ROW_SCALE=row_scale is not None,
         HAS_CAP=softcap > 0,
@@ -155,6 +160,7 @@ COMPILE_SPECS = [
             "scale": "fp32",
             "ignore_index": "i64",
             "softcap": "fp32",
+            "z_loss": "fp32",
             "HAS_LSE_IN": "constexpr",
             "HAS_ROW_SCALE": "constexpr",
             "HAS_CAP": "constexpr",
