@@ -274,3 +274,24 @@ def test_time_budget_keeps_the_reserve():
     trainer.fit()
     assert 0.4 <= trainer.elapsed_s < 2.0
     assert trainer.progress() == 1.0
+
+
+def test_ctrl_c_stops_between_steps_with_a_checkpoint(tmp_path):
+    import os
+    import signal
+
+    trainer = make_trainer(run_dir=tmp_path, max_steps=50)
+    original = trainer.train_step
+
+    def step_then_ctrl_c():
+        result = original()
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
+        return result
+
+    trainer.train_step = step_then_ctrl_c
+    summary = trainer.fit()
+    trainer.close()
+    assert summary["interrupted"] and summary["step"] == 3
+    assert (tmp_path / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -683,8 +685,9 @@ class Trainer:
         interrupted = False
         # only a stop point ahead of us counts: a resumed run continues past it
         stop_at = cfg.stop_at_step if cfg.stop_at_step > self.step else 0
+        stop_requested = _CtrlC()
         while not self.done():
-            if stop_at and self.step >= stop_at:
+            if (stop_at and self.step >= stop_at) or stop_requested.pressed:
                 interrupted = True
                 break
             result = self.train_step()
@@ -725,6 +728,9 @@ class Trainer:
                 self.save_checkpoint()
                 last_ckpt_t = self.elapsed_s
         bar.close()
+        stop_requested.restore()
+        if stop_requested.pressed:
+            print(f"interrupted at step {self.step}: saving a checkpoint to resume from")
         metrics = {}
         if not interrupted:
             metrics = self.run_eval()
@@ -743,6 +749,31 @@ class Trainer:
         """Flush logs and draw the final plot."""
         if self.logger is not None:
             self.logger.close()
+
+
+class _CtrlC:
+    """Turns the first Ctrl-C into a request to stop after the current step.
+
+    Stopping between steps (not in the middle of one) leaves a consistent state
+    to checkpoint, so the run can be resumed exactly. A second Ctrl-C interrupts
+    at once, as usual.
+    """
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _format_eval(step: int, elapsed_s: float, metrics: dict[str, float]) -> str:
