@@ -16,7 +16,6 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <string>
 #include <cstring>
 #include <immintrin.h>
 
@@ -30,12 +29,16 @@
 namespace minigpt::cpu {
 namespace {
 
-bool stream_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MINIGPT_STREAM_STORES");
-    return env == nullptr || std::string(env) != "0";
+// Streaming (non-temporal) stores pay off only when the outputs are larger than
+// the caches. MINIGPT_STREAM_STORES_MB sets the threshold (total output MiB,
+// default 16; 0 turns streaming off), for measurements.
+size_t stream_threshold_bytes() {
+  static const size_t bytes = [] {
+    const char* env = std::getenv("MINIGPT_STREAM_STORES_MB");
+    const size_t mb = (env && *env) ? size_t(std::strtoull(env, nullptr, 10)) : 16;
+    return mb == 0 ? SIZE_MAX : mb << 20;
   }();
-  return enabled;
+  return bytes;
 }
 
 void check_qk(const at::Tensor& x, const char* name) {
@@ -72,9 +75,8 @@ std::tuple<at::Tensor, at::Tensor> rope_rotate(const at::Tensor& q, const at::Te
   const float sign = inverse ? -1.0f : 1.0f;
   dispatch_float_types(q.scalar_type(), "rope_rotate", [&]<typename T_>() {
     auto run = [&]<typename C>() {
-      // Non-temporal stores for outputs far larger than the caches (see vec.h);
-      // MINIGPT_STREAM_STORES=0 turns them off.
-      const bool stream = stream_enabled() && qo.nbytes() + ko.nbytes() >= (size_t{16} << 20);
+      // Non-temporal stores for outputs larger than the caches (see vec.h).
+      const bool stream = qo.nbytes() + ko.nbytes() >= stream_threshold_bytes();
       auto kernel = stream ? MG_ISA_CALL(rope_tokens<T_, C, true>)
                            : MG_ISA_CALL(rope_tokens<T_, C, false>);
       const C* cp = ptr<const C>(cos);

@@ -15,7 +15,6 @@
 
 #include <cmath>
 #include <cstdlib>
-#include <string>
 #include <cstring>
 #include <immintrin.h>
 
@@ -33,15 +32,19 @@ namespace {
 // multiple of 64 so every task but the last starts on a cache-line boundary.
 constexpr int64_t kGrain = 1 << 15;
 
-// Streaming (non-temporal) stores pay off only when an output is far larger
-// than the caches; MINIGPT_STREAM_STORES=0 turns them off (for measurements).
-bool stream_outputs(const at::Tensor& out) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("MINIGPT_STREAM_STORES");
-    return env == nullptr || std::string(env) != "0";
+// Streaming (non-temporal) stores pay off only when the outputs are larger than
+// the caches. MINIGPT_STREAM_STORES_MB sets the threshold (total output MiB,
+// default 16; 0 turns streaming off), for measurements.
+size_t stream_threshold_bytes() {
+  static const size_t bytes = [] {
+    const char* env = std::getenv("MINIGPT_STREAM_STORES_MB");
+    const size_t mb = (env && *env) ? size_t(std::strtoull(env, nullptr, 10)) : 16;
+    return mb == 0 ? SIZE_MAX : mb << 20;
   }();
-  return enabled && out.nbytes() >= (size_t{16} << 20);
+  return bytes;
 }
+
+bool stream_outputs(size_t out_bytes) { return out_bytes >= stream_threshold_bytes(); }
 
 // How the kernel walks an input: `rows` rows of `n` contiguous elements,
 // `stride` elements apart. A contiguous tensor is one row of numel elements; a
@@ -86,7 +89,7 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   at::Tensor y = pooled_empty(gate.sizes(), gate.scalar_type());
   if (gate.numel() == 0) return y;
   dispatch_float_types(gate.scalar_type(), "swiglu_fwd", [&]<typename T>() {
-    auto kernel = stream_outputs(y) ? MG_ISA_CALL(swiglu_fwd_span<T, true>)
+    auto kernel = stream_outputs(y.nbytes()) ? MG_ISA_CALL(swiglu_fwd_span<T, true>)
                                      : MG_ISA_CALL(swiglu_fwd_span<T, false>);
     const T* gp = ptr<const T>(gate);
     const T* up_ = ptr<const T>(up);
@@ -113,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
   at::Tensor du = pooled_empty(gate.sizes(), gate.scalar_type());
   if (gate.numel() == 0) return {dg, du};
   dispatch_float_types(gate.scalar_type(), "swiglu_bwd", [&]<typename T>() {
-    auto kernel = stream_outputs(dg) ? MG_ISA_CALL(swiglu_bwd_span<T, true>)
+    auto kernel = stream_outputs(2 * dg.nbytes()) ? MG_ISA_CALL(swiglu_bwd_span<T, true>)
                                       : MG_ISA_CALL(swiglu_bwd_span<T, false>);
     const T* dyp = ptr<const T>(dy);
     const T* gp = ptr<const T>(gate);
