@@ -154,10 +154,15 @@ def test_attention_decode(compare, cache_len, batch, dtype):
 
 _MEM_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from minigpt.kernels import attention
     from bench_attention import _naive
     torch.set_num_threads(1)
+
+    def status_kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
+
     which, T = sys.argv[1], int(sys.argv[2])
     B, H, D = 1, 8, 64
     q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
@@ -166,10 +171,11 @@ _MEM_SCRIPT = textwrap.dedent(
     # warm up on a tiny problem so library start-up costs are not counted
     w = torch.randn(1, 8, H, D, requires_grad=True)
     torch.autograd.grad(fn(w, w, w), (w,), torch.ones_like(w))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size (VmHWM) to the current one
+    before = status_kib("VmRSS")
     torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"extra_kib": after - before}))
+    print(json.dumps({"extra_kib": status_kib("VmHWM") - before}))
     """
 )
 
@@ -203,4 +209,5 @@ def test_attention_memory_flat(benchmark):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     # O(T) buffers only: 4x the tokens may cost at most ~4x the memory (+ slack for
     # allocator granularity), never the 16x a (T, T) matrix would.
-    assert ours[seqs[1]] <= 6 * max(ours[seqs[0]], 1024)
+    assert ours[seqs[0]] > 0, "peak memory was not measured"
+    assert ours[seqs[1]] <= 6 * ours[seqs[0]]
