@@ -208,6 +208,18 @@ def test_rotary_module_keeps_float32_tables_and_no_state():
         rot(q, q, -1)
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_rope_gradient_of_one_input_only(backend):
+    inputs = _inputs((2, 5, 4, 2, 64), torch.float32)
+    q = inputs["q"].clone().requires_grad_()
+    q_rot, k_rot = rope(q, inputs["k"], inputs["cos"], inputs["sin"], backend=backend)
+    (q_rot.square().sum() + k_rot.sum()).backward()
+    q2 = inputs["q"].clone().requires_grad_()
+    rq, _ = rope_reference(q2, inputs["k"], inputs["cos"], inputs["sin"])
+    rq.square().sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad)
+
+
 def test_rope_learnable_tables_fall_back_to_reference():
     q, k = random_tensor((1, 3, 2, 8)), random_tensor((1, 3, 1, 8))
     cos, sin = rope_cos_sin(3, 8)

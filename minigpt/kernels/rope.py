@@ -55,8 +55,12 @@ class _RopeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):  # type: ignore[override]
         cos, sin = ctx.saved_tensors
-        dq_in, dk_in = _rotate_fn(ctx.backend)(dq.contiguous(), dk.contiguous(), cos, sin, True)
-        return dq_in, dk_in, None, None, None
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # a gradient nobody needs is passed as zero heads, so no work is done for it
+        dq = dq.contiguous() if need_q else dq.new_empty(*dq.shape[:2], 0, dq.shape[3])
+        dk = dk.contiguous() if need_k else dk.new_empty(*dk.shape[:2], 0, dk.shape[3])
+        dq_in, dk_in = _rotate_fn(ctx.backend)(dq, dk, cos, sin, True)
+        return (dq_in if need_q else None), (dk_in if need_k else None), None, None, None
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
