@@ -61,8 +61,9 @@ REDUCTIONS = ("mean", "sum", "none")
 CHUNK_BYTES = 64 * 2**20  # target size of one chunk of logits
 MIN_CHUNK_ROWS = 64  # below this the matmuls and the dW update lose efficiency
 # bf16/fp16: dW partials are computed for this many elements of vocabulary rows at
-# a time (8M = 16 MiB) rather than for the whole (V, H) matrix at once
-DW_BLOCK_ELEMENTS = 8 * 2**20
+# a time (2M = 4 MiB) rather than for the whole (V, H) matrix at once (a bigger
+# block also makes the GEMM copy a bigger strided slice of the chunk gradient)
+DW_BLOCK_ELEMENTS = 2 * 2**20
 
 
 def default_chunk_rows(n_rows: int, vocab: int, itemsize: int = 4) -> int:
