@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("minigpt.infer.cli", "continue a prompt with a trained model (streaming)"),
     "chat": ("minigpt.infer.chat", "talk to a model in the terminal (/help for commands)"),
     "export": ("minigpt.model.cli", "export a model as a Hugging Face Llama checkpoint"),
+    "quantize": ("minigpt.quant.cli", "write an int8/int4/nf4 weight-only quantized model"),
 }
 
 

@@ -158,3 +158,29 @@ def test_perplexity_before_after(trained_byte_model):
         increase = ppl / base - 1
         print(f"{fmt}: ppl {base:.3f} -> {ppl:.3f} ({100 * increase:+.2f} %)")
         assert increase < PPL_MAX_INCREASE[fmt], f"{fmt}: {base:.3f} -> {ppl:.3f}"
+
+
+# ---- command line ------------------------------------------------------------------
+
+
+def test_quantize_and_generate_commands(tmp_path, capsys):
+    from minigpt.cli import main
+    from minigpt.model.io import save_model
+    from minigpt.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat, said the rat. " * 4] * 10, 300, progress=False)
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, max_seq_len=64)
+    )
+    save_model(model, tmp_path / "m")
+    tok.save(tmp_path / "m" / "tokenizer.json")
+    assert main(["quantize", str(tmp_path / "m"), str(tmp_path / "q"), "--format", "int4"]) == 0
+    assert "int4" in capsys.readouterr().out
+    gen = ["--prompt", "the cat", "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(["generate", str(tmp_path / "q"), *gen]) == 0  # a quantized checkpoint
+    from_file = capsys.readouterr()
+    assert from_file.out.startswith("the cat") and "5 tokens" in from_file.err
+    assert main(["generate", str(tmp_path / "m"), *gen, "--quant", "int4"]) == 0  # in memory
+    assert capsys.readouterr().out == from_file.out  # same weights, same greedy text
+    assert main(["quantize", str(tmp_path / "none"), str(tmp_path / "x")]) == 2

@@ -81,15 +81,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--truncate-left", action="store_true", help="cut a too-long prompt instead of failing"
     )
     add_sampling_arguments(parser)
+    parser.add_argument(
+        "--quant", choices=["int8", "int4", "nf4"], default=None, help="weight-only quantize first"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, generate, print the text (streamed when there is one sample)."""
     from minigpt.infer.generate import generate
-    from minigpt.infer.loading import load_for_inference, stop_ids
+    from minigpt.infer.loading import stop_ids
 
     try:
-        model, tok = load_for_inference(args.model, args.tokenizer, args.dtype)
+        from minigpt.quant.cli import load_for_generation  # handles quantized checkpoints
+
+        model, tok = load_for_generation(args.model, args.tokenizer, args.dtype, args.quant)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
