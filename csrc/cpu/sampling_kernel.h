@@ -2,23 +2,24 @@
 //
 // Included by isa_expand.h once per instruction set (no include guard on purpose).
 // Semantics are those of minigpt/kernels/reference/sampling.py (Hugging Face's
-// warper order); this file finds the same kept set without sorting the row:
+// warper order); this file finds the same kept set without sorting the row.
+// z = (x - max) / temperature; every filter keeps {z >= threshold}.
 //
-//   pass 1  max m of the row (and whether it holds NaN / +inf)
-//   pass 2  S = sum exp(z), z = (x - m) / temperature, plus a "ladder": for a
-//           dozen cut-offs z >= -d (d in nats below the max) the count and the
-//           mass of the tokens above it. Only vectors with a lane above the
-//           lowest rung do the ladder work, so peaked rows cost one exp per lane.
-//   pass 3  the smallest rung that surely holds the kept set (>= k tokens, or
-//           >= top_p of the mass) is the cut: compact the tokens above it into a
-//           small (index, z, exp z) buffer, in vocabulary order.
-//   select  on the buffer only: top-k and top-p thresholds by a weighted
-//           quickselect (expected linear time), min-p is exp(z) >= min_p.
+//   pass 1  max m of the row (and whether it holds NaN / +inf). With top-k, also
+//           the maxima of S segments per lane: the k-th largest of those S*N
+//           distinct tokens is reached by >= k tokens, a safe top-k cut.
+//   top-k   pass 2 compacts the tokens above the cut (few) into an
+//           (index, z, exp z) buffer in vocabulary order; top-k and then top-p
+//           thresholds by weighted quickselect on it; min-p is exp(z) >= min_p.
+//   top-p   pass 2: S = sum exp(z) and a "ladder" of masses above a dozen depths
+//   alone   (only for vectors reaching the lowest rung). The threshold lies in
+//           one shell between rungs: compact it, narrow it by vectorized
+//           16-rung ladders, finish with the exact quickselect.
 //   draw    inverse CDF with the caller's uniform u: walk the kept tokens in
 //           vocabulary order until the running mass exceeds u * (kept mass).
 //
-// Without any filter the draw walks the row itself (pass 3, stopping early).
-// Everything is float32 except the running sums of the draw (double).
+// Without a top-k cut the draw walks the row itself, skipping groups of vectors
+// by their sum. Everything is float32 except running sums (double).
 
 // ---- per-ISA lane masks (Vec has no mask type) ------------------------------
 #if defined(MG_ISA_AVX512)
