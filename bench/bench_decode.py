@@ -4,6 +4,8 @@ Both run greedy decoding of the same weights for the same number of new tokens
 (no early stop), so tokens/s = new tokens / wall time, prefill included.
 
 * ``test_decode_tiny``: a small random Llama (always runs; quick as a CI smoke test).
+* variants: fp32 and bf16 (both sides in that dtype), and int8 (our model with
+  int8 weight-only linears from :mod:`minigpt.quant`, against HF in fp32).
 * ``test_decode_smollm2``: SmolLM2-135M-Instruct imported from its GGUF (the issue's
   goal: 3x HF ``generate``). Opt-in, as it loads 135M parameters twice:
   ``MINIGPT_BENCH_SMOLLM2=1 pytest bench/bench_decode.py --benchmark-only``.
@@ -24,6 +26,19 @@ from minigpt.model.hf import export_hf
 transformers = pytest.importorskip("transformers")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# "int8": our model with int8 weight-only linears (minigpt.quant), HF in fp32
+VARIANTS = [*DTYPES, "int8"]
+
+
+def _prepare(model, variant: str):
+    """Our model in the variant's dtype (int8: fp32 activations, int8 weights)."""
+    if variant != "int8":
+        return model.to(DTYPES[variant])
+    from minigpt.quant import Int8WeightOnly, quantize_
+
+    return quantize_(model.float(), Int8WeightOnly())
+
+
 PROMPT = [1, 504, 3458, 314, 253, 1234, 28, 6601, 30, 718, 314, 216]
 
 
@@ -49,15 +64,16 @@ def _runners(ours_model, hf_model, new_tokens: int):
     return ours, hf
 
 
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("dtype", VARIANTS)
 def test_decode_tiny(compare, tmp_path, dtype):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=2048, n_layer=4, n_head=4, n_kv_head=2, d_model=128)
     model = GPT(cfg).eval()
     export_hf(model, None, tmp_path)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=DTYPES[dtype])
-    model = model.to(DTYPES[dtype])
-    new_tokens = 32
+    hf_dtype = DTYPES.get(dtype, torch.float32)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=hf_dtype)
+    model = _prepare(model, dtype)
+    new_tokens = 16
     ours, hf = _runners(model, hf_model.eval(), new_tokens)
     extra = compare.run(ours, {"hf_generate": hf}, rounds=5, warmup=1, new_tokens=new_tokens)
     if "time_ms" in extra:
@@ -68,14 +84,14 @@ def test_decode_tiny(compare, tmp_path, dtype):
     not os.environ.get("MINIGPT_BENCH_SMOLLM2"),
     reason="opt-in (loads a 135M model twice): set MINIGPT_BENCH_SMOLLM2=1",
 )
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("dtype", VARIANTS)
 def test_decode_smollm2(compare, dtype):
     from minigpt.model.hf import import_gguf, smollm2_gguf_path
 
     path = smollm2_gguf_path()
-    model = import_gguf(path, dtype=DTYPES[dtype])
+    model = _prepare(import_gguf(path), dtype)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=DTYPES[dtype]
+        path.parent, gguf_file=path.name, dtype=DTYPES.get(dtype, torch.float32)
     ).eval()
     new_tokens = 64
     ours, hf = _runners(model, hf_model, new_tokens)
