@@ -306,3 +306,16 @@ def test_grad_scaling_and_second_backward_is_refused():
     torch.testing.assert_close(h.grad, ref_h.grad)
     with pytest.raises(RuntimeError, match="inplace"):
         loss.backward()  # the saved gradients were scaled in place by the first pass
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_accumulate_f32(dtype, isa):
+    acc = random_tensor((3, 37))
+    part = random_tensor((3, 37), dtype)
+    expected = acc + 0.5 * part.float()
+    with force_cpu_isa(isa):
+        torch.ops.minigpt.accumulate_f32_(acc, part, 0.5)
+    torch.testing.assert_close(acc, expected)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.minigpt.accumulate_f32_(part.double(), part, 1.0)

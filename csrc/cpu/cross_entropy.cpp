@@ -8,6 +8,8 @@
 //   torch.ops.minigpt.cross_entropy_chunk(Tensor(a!) logits, Tensor targets,
 //       Tensor? lse_in, Tensor? row_scale, float scale, int ignore_index,
 //       float softcap, float z_loss, bool write_grad) -> (Tensor loss, Tensor lse)
+//   torch.ops.minigpt.accumulate_f32_(Tensor(a!) acc, Tensor part, float alpha) -> ()
+//       (acc += alpha * part: a low-precision dW partial into the float32 accumulator)
 //
 // on a 2-D contiguous (rows, V) logits chunk. With write_grad the logits are
 // overwritten in place by the gradient of the loss (so the caller's chunk
@@ -80,6 +82,23 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_chunk(
   return {loss, lse};
 }
 
+void accumulate_f32_(at::Tensor& acc, const at::Tensor& part, double alpha) {
+  check_cpu_contiguous(acc, "acc");
+  check_cpu_contiguous(part, "part");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat, "accumulate_f32_: acc must be float32");
+  TORCH_CHECK(acc.sizes() == part.sizes(), "accumulate_f32_: acc and part must have one shape");
+  const int64_t n = acc.numel();
+  if (n == 0) return;
+  dispatch_float_types(part.scalar_type(), "accumulate_f32_", [&]<typename T>() {
+    auto kernel = MG_ISA_CALL(accumulate_f32<T>);
+    float* ap = ptr<float>(acc);
+    const T* pp = ptr<const T>(part);
+    at::parallel_for(0, n, int64_t{1} << 16, [&](int64_t b, int64_t e) {
+      kernel(ap + b, pp + b, float(alpha), e - b);
+    });
+  });
+}
+
 }  // namespace
 }  // namespace minigpt::cpu
 
@@ -88,8 +107,10 @@ TORCH_LIBRARY_FRAGMENT(minigpt, m) {
       "cross_entropy_chunk(Tensor(a!) logits, Tensor targets, Tensor? lse_in, Tensor? row_scale, "
       "float scale, int ignore_index, float softcap, float z_loss, bool write_grad) -> (Tensor, "
       "Tensor)");
+  m.def("accumulate_f32_(Tensor(a!) acc, Tensor part, float alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
   m.impl("cross_entropy_chunk", &minigpt::cpu::cross_entropy_chunk);
+  m.impl("accumulate_f32_", &minigpt::cpu::accumulate_f32_);
 }

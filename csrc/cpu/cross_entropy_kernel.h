@@ -119,3 +119,19 @@ void cross_entropy_rows(T* logits, const int64_t* targets, float* loss, float* l
     cross_entropy_rows_impl<T, false>(logits, targets, loss, lse_out, lse_in, row_scale, scale,
                                       ignore_index, softcap, z_loss, write_grad, rows, V);
 }
+
+// acc[i] += alpha * part[i] for a float32 accumulator and a float / BF16 / F16 part,
+// in one pass (torch's mixed-dtype add_ first copies the part to float32). Used to
+// sum the low-precision dW partial of each chunk into the float32 weight gradient.
+template <typename T>
+void accumulate_f32(float* acc, const T* part, float alpha, int64_t n) {
+  const Vec va = Vec::set1(alpha);
+  int64_t i = 0;
+  for (; i + Vec::N <= n; i += Vec::N)
+    fmadd(Vec::load(part + i), va, Vec::load(acc + i)).store(acc + i);
+  if (i < n) {
+    const int tail = int(n - i);
+    fmadd(Vec::load_partial(part + i, tail), va, Vec::load_partial(acc + i, tail))
+        .store_partial(acc + i, tail);
+  }
+}

@@ -106,7 +106,7 @@ def _chunk_logits(h, weight, bias, out):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _accumulate_grads(grad, h, weight, post_scale, dh_out, dw_acc, dw_tmp, db_acc):
+def _accumulate_grads(grad, h, weight, post_scale, dh_out, dw_acc, dw_tmp, db_acc, fused_add):
     # dw_tmp: low-precision scratch for a block of dW rows (see _dw_block_rows)
     """dh = grad @ W; dW += grad^T h; db += sum(grad), with dW/db in float32."""
     if dh_out is not None:
@@ -123,7 +123,10 @@ def _accumulate_grads(grad, h, weight, post_scale, dh_out, dw_acc, dw_tmp, db_ac
             for v0 in range(0, dw_acc.shape[0], vb):
                 v1 = min(v0 + vb, dw_acc.shape[0])
                 part = torch.mm(grad[:, v0:v1].t(), h, out=dw_tmp[: v1 - v0])
-                dw_acc[v0:v1].add_(part, alpha=post_scale)
+                if fused_add:  # one pass; torch's add_ would first copy part to float32
+                    torch.ops.minigpt.accumulate_f32_(dw_acc[v0:v1], part, post_scale)
+                else:
+                    dw_acc[v0:v1].add_(part, alpha=post_scale)
     if db_acc is not None:
         db_acc.add_(grad.sum(0, dtype=torch.float32), alpha=post_scale)
 
@@ -205,6 +208,7 @@ def _run_chunks(
                 dw_acc,
                 dw_tmp,
                 db_acc,
+                backend == "cpp",
             )
     del buf, dw_tmp
 
@@ -608,3 +612,7 @@ if cpp_available():
         return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(
             rows, dtype=torch.float32
         )
+
+    @torch.library.register_fake("minigpt::accumulate_f32_")
+    def _accumulate_f32_fake(acc, part, alpha):
+        return None
