@@ -164,14 +164,17 @@ bool attention_set_bf16_dot(bool enable) { return bf16_dot_enabled().exchange(en
 void pack_keys_bf16(const at::Tensor& k, const AttnShape& sh, int64_t ld, uint16_t* ktp) {
   const int64_t total = k.size(0), hkv = sh.hkv, d = sh.d, dp = sh.dp;
   const uint16_t* src = ptr<const uint16_t>(k);
-  at::parallel_for(0, hkv * (dp / 2), 1, [&](int64_t b, int64_t e) {
+  // tiles of 64 tokens: each token row is read once, each (d pair) run written contiguously
+  constexpr int64_t chunk = 64;
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  at::parallel_for(0, hkv * chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t h = t / (dp / 2), d2 = t % (dp / 2), dd = 2 * d2;
-      uint16_t* dst = ktp + t * ld * 2;
-      for (int64_t j = 0; j < total; ++j) {
+      const int64_t h = t / chunks, j0 = (t % chunks) * chunk, j1 = std::min(total, j0 + chunk);
+      uint16_t* base = ktp + h * dp * ld;  // [dp/2][ld][2]
+      for (int64_t j = j0; j < j1; ++j) {
         const uint16_t* row = src + (j * hkv + h) * d;
-        dst[2 * j] = dd < d ? row[dd] : 0;
-        dst[2 * j + 1] = dd + 1 < d ? row[dd + 1] : 0;
+        for (int64_t dd = 0; dd < d; ++dd) base[((dd >> 1) * ld + j) * 2 + (dd & 1)] = row[dd];
+        // head dims d..dp stay 0 from the zero-initialized buffer
       }
     }
   });
