@@ -200,23 +200,30 @@ void tile_fmt(int fmt, const float* x, const QuantWeightView& w, int64_t n0, con
 constexpr int kTileRows = 4;      // MB: activation rows per tile
 constexpr int kTileChannels = 4;  // NB: output channels per tile
 
-// y[0:m, n_begin:n_end] for all m rows of x (m may be any size).
+// All m rows of x against the NB output channels starting at c0.
+template <int NB>
+void quant_linear_rows(int fmt, const float* x, int64_t m, const QuantWeightView& w, int64_t c0,
+                       const float* bias, float* y, const float* codebook) {
+  const int64_t ys = w.n, k = w.k;
+  int64_t m0 = 0;
+  for (; m0 + kTileRows <= m; m0 += kTileRows)
+    tile_fmt<kTileRows, NB>(fmt, x + m0 * k, w, c0, bias, y + m0 * ys, ys, codebook);
+  switch (m - m0) {
+    case 3: tile_fmt<3, NB>(fmt, x + m0 * k, w, c0, bias, y + m0 * ys, ys, codebook); break;
+    case 2: tile_fmt<2, NB>(fmt, x + m0 * k, w, c0, bias, y + m0 * ys, ys, codebook); break;
+    case 1: tile_fmt<1, NB>(fmt, x + m0 * k, w, c0, bias, y + m0 * ys, ys, codebook); break;
+    default: break;
+  }
+}
+
+// y[0:m, n_begin:n_end] for all m rows of x (m may be any size). No lambdas here:
+// GCC does not give a lambda the enclosing `#pragma GCC target`, which would
+// keep the SIMD helpers from inlining.
 inline void quant_linear_channels(int fmt, const float* x, int64_t m, const QuantWeightView& w,
                                   int64_t n_begin, int64_t n_end, const float* bias, float* y,
                                   const float* codebook) {
-  const int64_t ys = w.n, k = w.k;
   int64_t n0 = n_begin;
-  auto rows = [&]<int NB>(int64_t c0) {
-    int64_t m0 = 0;
-    for (; m0 + kTileRows <= m; m0 += kTileRows)
-      tile_fmt<kTileRows, NB>(fmt, x + m0 * k, w, c0, bias, y + m0 * ys, ys, codebook);
-    switch (m - m0) {
-      case 3: tile_fmt<3, NB>(fmt, x + m0 * k, w, c0, bias, y + m0 * ys, ys, codebook); break;
-      case 2: tile_fmt<2, NB>(fmt, x + m0 * k, w, c0, bias, y + m0 * ys, ys, codebook); break;
-      case 1: tile_fmt<1, NB>(fmt, x + m0 * k, w, c0, bias, y + m0 * ys, ys, codebook); break;
-      default: break;
-    }
-  };
-  for (; n0 + kTileChannels <= n_end; n0 += kTileChannels) rows.template operator()<kTileChannels>(n0);
-  for (; n0 < n_end; ++n0) rows.template operator()<1>(n0);
+  for (; n0 + kTileChannels <= n_end; n0 += kTileChannels)
+    quant_linear_rows<kTileChannels>(fmt, x, m, w, n0, bias, y, codebook);
+  for (; n0 < n_end; ++n0) quant_linear_rows<1>(fmt, x, m, w, n0, bias, y, codebook);
 }

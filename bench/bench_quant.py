@@ -1,0 +1,82 @@
+"""Weight-only quantized matmul (decode GEMV and small GEMMs): ours vs torch.
+
+For each weight shape (N outputs, K inputs) of a 7B-class Llama layer and each
+number of activation rows M, our fused kernel (:func:`minigpt.kernels.quant_linear`,
+fp32 activations) is timed against, in the same run:
+
+* ``fp32_linear``  -- ``F.linear`` with the float32 weight (what we replace),
+* ``bf16_linear``  -- ``F.linear`` with bf16 weight and activations,
+* ``torch_int8``   -- ``torch._weight_int8pack_mm`` (torch's own int8 CPU kernel),
+* ``torch_int4``   -- ``torch._weight_int4pack_mm_for_cpu`` (torch's int4 CPU
+  kernel; weights packed by ``torch._convert_weight_to_int4pack_for_cpu``, scales
+  and zeros as a (K/G, N, 2) tensor).
+
+GB/s counts the packed weight bytes + metadata our kernel must read, to compare
+with ``test_copy_bandwidth`` (the machine's copy rate, measured in this file).
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minigpt.kernels.quant import quant_linear, quantize_weight
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
+ROWS = [1, 16, 32, 128]
+FORMATS = [("int8", None), ("int4", 64), ("nf4", 64)]
+
+
+@functools.cache
+def _weights(n: int, k: int):
+    torch.manual_seed(0)
+    w = torch.randn(n, k) * 0.02
+    quantized = {fmt: quantize_weight(w, fmt, block) for fmt, block in FORMATS}
+    # torch's own kernels, with their packed layouts
+    q8 = quantized["int8"]
+    t8 = (q8.qweight, q8.scales)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    t4 = (
+        torch._convert_weight_to_int4pack_for_cpu(codes, 1),
+        torch.rand(k // 64, n, 2) * 0.01,
+    )
+    return w, w.bfloat16(), quantized, t8, t4
+
+
+def test_copy_bandwidth(compare):
+    """Reference point: copy 128 MiB into a reused buffer (read + write bytes)."""
+    src = torch.randn(2**25)
+    dst = torch.empty_like(src)
+    compare.run(lambda: dst.copy_(src), {}, bytes_moved=2 * src.numel() * 4, rounds=10)
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("fmt", [f for f, _ in FORMATS])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_quant_linear(compare, shape, fmt, m):
+    n, k = shape
+    if m == 128 and shape != SHAPES[0]:
+        pytest.skip("M=128 (prefill-sized) is measured at 4096x4096 only, to keep the file quick")
+    w, wb, quantized, t8, t4 = _weights(n, k)
+    qw = quantized[fmt]
+    x = torch.randn(m, k)
+    xb = x.bfloat16()
+    competitors = {
+        "fp32_linear": lambda: F.linear(x, w),
+        "bf16_linear": lambda: F.linear(xb, wb),
+    }
+    # torch's int8/int4 kernels take seconds at M=128: compared for M <= 32 only
+    if fmt == "int8" and m <= 32:
+        competitors["torch_int8"] = lambda: torch._weight_int8pack_mm(x, *t8)
+    if fmt == "int4" and m <= 32:
+        competitors["torch_int4"] = lambda: torch._weight_int4pack_mm_for_cpu(x, t4[0], 64, t4[1])
+    compare.run(
+        lambda: quant_linear(x, qw),
+        competitors,
+        bytes_moved=qw.nbytes() + 4 * m * (k + n),
+        flops=2 * m * n * k,
+        rounds=10 if m >= 32 else 20,
+        fmt=fmt,
+        shape=f"M={m} N={n} K={k}",
+    )
