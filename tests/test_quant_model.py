@@ -184,3 +184,15 @@ def test_quantize_and_generate_commands(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "m"), *gen, "--quant", "int4"]) == 0  # in memory
     assert capsys.readouterr().out == from_file.out  # same weights, same greedy text
     assert main(["quantize", str(tmp_path / "none"), str(tmp_path / "x")]) == 2
+
+
+def test_docs_chapter_code_runs():
+    """The python blocks of docs/quantization.md run, in order, in one namespace."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "quantization.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"quantization.md[block {i}]", "exec"), namespace)
