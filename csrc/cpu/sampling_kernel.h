@@ -322,6 +322,39 @@ float shell_threshold(const T* x, int64_t V, const RowPlan& plan, float cut, flo
   return tp;
 }
 
+// Pass 2 over full vectors [from, to) (plus `tail` lanes at `to`): adds sum
+// exp(z) (and sum exp(x - m) if Raw) to total(_raw) and the ladder (Mode 1:
+// counts, 2: masses, 0: none) to lad. Accumulators are locals of this small
+// function so they stay in registers.
+template <int Mode, bool Raw, typename T>
+void pass2_block(const T* x, int64_t from, int64_t to, int tail, Vec vmx, Vec vit,
+                 double& total, double& total_raw, double* lad) {
+  Vec acc[kRungs];
+  for (int j = 0; j < kRungs; ++j) acc[j] = Vec::zero();
+  Vec sum = Vec::zero(), sum_raw = Vec::zero();
+  const Vec guard = Vec::set1(-kRungDepth[kRungs - 1]);
+  auto step = [&](Vec v) __attribute__((always_inline)) {
+    Vec d = v - vmx;
+    Vec z = d * vit;
+    Vec e = vexp(z);
+    sum = sum + e;
+    if constexpr (Raw) sum_raw = sum_raw + vexp(d);
+    if constexpr (Mode != 0) {
+      if (lanes_ge(z, guard)) {
+        const Vec w = Mode == 1 ? Vec::set1(1.0f) : e;
+        for (int j = 0; j < kRungs; ++j)
+          acc[j] = add_if_ge(acc[j], z, Vec::set1(-kRungDepth[j]), w);
+      }
+    }
+  };
+  for (int64_t i = from; i < to; i += Vec::N) step(Vec::load(x + i));
+  if (tail) step(load_tail(x + to, tail, -INFINITY));
+  total += sum.reduce_add();
+  if constexpr (Raw) total_raw += sum_raw.reduce_add();
+  if constexpr (Mode != 0)
+    for (int j = 0; j < kRungs; ++j) lad[j] += acc[j].reduce_add();
+}
+
 // Passes 1-3 and the threshold selection for one row (see the file comment).
 template <typename T>
 RowPlan plan_row(const T* x, int64_t V, const RowParams& prm, bool want_raw, Scratch& s) {
@@ -395,55 +428,33 @@ RowPlan plan_row(const T* x, int64_t V, const RowParams& prm, bool want_raw, Scr
   // masses for top-p alone)
   const bool seg_mode = segs > 0;  // top-k cut already known from pass 1
   const bool count_ladder = k > 0 && !seg_mode, mass_ladder = k == 0 && use_p;
-  const bool ladder = count_ladder || mass_ladder;
-  Vec acc[kRungs], rung[kRungs];
-  double lad[kRungs];
-  for (int j = 0; j < kRungs; ++j) {
-    acc[j] = Vec::zero();
-    lad[j] = 0.0;
-    rung[j] = Vec::set1(-kRungDepth[j]);
-  }
-  const Vec one = Vec::set1(1.0f), guard = rung[kRungs - 1];
-  Vec sum = Vec::zero(), sum_raw = Vec::zero();
+  double lad[kRungs] = {};
   if (seg_mode) {
     // top-k needs neither the row's total mass nor a ladder: the masses that
     // matter are those of the top-k set, summed from the candidates
     if (want_raw) plan.sum_raw = raw_mass(x, V, plan.m);
   }
-  auto pass2 = [&](Vec v) {
-    Vec d = v - vmx;
-    Vec z = d * vit;
-    Vec e = vexp(z);
-    sum = sum + e;
-    if (want_raw_sum) sum_raw = sum_raw + vexp(d);
-    if (ladder && lanes_ge(z, guard)) {
-      const Vec w = count_ladder ? one : e;
-      for (int j = 0; j < kRungs; ++j) acc[j] = add_if_ge(acc[j], z, rung[j], w);
-    }
-  };
   if (!seg_mode) {
     // float lanes summed in blocks, blocks summed in double: the total must be
     // accurate to ~1e-7 because the draw and the top-p target are shares of it
     double total = 0.0, total_raw = 0.0;
-    auto flush = [&]() {
-      total += sum.reduce_add();
-      total_raw += sum_raw.reduce_add();
-      sum = sum_raw = Vec::zero();
-      if (ladder)
-        for (int j = 0; j < kRungs; ++j) {
-          lad[j] += acc[j].reduce_add();
-          acc[j] = Vec::zero();
-        }
+    auto run = [&]<int Mode, bool Raw>() {
+      constexpr int64_t kBlock = 256 * Vec::N;
+      for (int64_t i = 0; i < nv; i += kBlock)
+        pass2_block<Mode, Raw>(x, i, std::min(nv, i + kBlock), 0, vmx, vit, total, total_raw,
+                               lad);
+      if (tail) pass2_block<Mode, Raw>(x, nv, nv, tail, vmx, vit, total, total_raw, lad);
     };
-    constexpr int64_t kBlock = 256 * Vec::N;
-    int64_t i = 0;
-    while (i < nv) {
-      const int64_t end = std::min(nv, i + kBlock);
-      for (; i < end; i += Vec::N) pass2(Vec::load(x + i));
-      flush();
+    const int mode = count_ladder ? 1 : mass_ladder ? 2 : 0;
+    if (want_raw_sum) {
+      if (mode == 1) run.template operator()<1, true>();
+      else if (mode == 2) run.template operator()<2, true>();
+      else run.template operator()<0, true>();
+    } else {
+      if (mode == 1) run.template operator()<1, false>();
+      else if (mode == 2) run.template operator()<2, false>();
+      else run.template operator()<0, false>();
     }
-    if (tail) pass2(load_tail(x + i, tail, -INFINITY));
-    flush();
     plan.sum_all = total;
     plan.sum_raw = want_raw_sum ? total_raw : plan.sum_all;
   }
