@@ -17,7 +17,9 @@ _one_thread = pytest.fixture(autouse=True)(one_thread)
 
 def make_trainer(model=None, batches=None, run_dir=None, **train_kw) -> Trainer:
     optim_kw = train_kw.pop("optim", {})
-    cfg = TrainConfig(**{"max_steps": 10, "progress": False, "device": "cpu", **train_kw})
+    cfg = TrainConfig(
+        **{"max_steps": 10, "progress": False, "device": "cpu", "precision": "fp32", **train_kw}
+    )
     optim = OptimConfig(**{"lr": 1e-2, "warmup_steps": 2, **optim_kw})
     return Trainer(
         model if model is not None else TinyLM(),
@@ -158,8 +160,11 @@ def test_mixed_precision_trains(precision):
     assert sum(losses[-5:]) < sum(losses[:5])
 
 
-def test_auto_precision_is_fp32_on_cpu():
-    assert make_trainer(precision="auto").precision == "fp32"
+def test_auto_precision_on_cpu():
+    from minigpt.train.core import cpu_has_fast_bf16
+
+    expected = "bf16" if cpu_has_fast_bf16() else "fp32"
+    assert make_trainer(precision="auto").precision == expected
 
 
 # ---- evaluation -------------------------------------------------------------------------
@@ -177,7 +182,7 @@ def test_evaluate_bits_per_byte():
     n_bytes = token_bytes[y[valid]].sum().item()
     trainer = Trainer(
         model,
-        TrainConfig(max_steps=1, progress=False),
+        TrainConfig(max_steps=1, progress=False, precision="fp32"),
         OptimConfig(),
         ToyBatches(),
         val_batches=lambda: [(x, y)],

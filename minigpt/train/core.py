@@ -94,8 +94,9 @@ class TrainConfig:
     Attributes:
         batch_size, seq_len: micro-batch shape (rows x tokens).
         grad_accum: micro-batches per optimizer step.
-        precision: ``"auto"`` (bf16 on CUDA if supported else fp16; fp32 on
-            CPU), ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + GradScaler).
+        precision: ``"auto"`` (bf16 on CUDA if supported else fp16; on CPU bf16
+            where it has native bf16 math, else fp32), ``"fp32"``, ``"bf16"``
+            (autocast) or ``"fp16"`` (autocast + GradScaler).
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``...
         seed: seeds torch, numpy and Python's ``random`` at the start of a run.
         eval_every_steps / eval_every_s: evaluate periodically (0 = off); always
@@ -188,8 +189,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16 on Linux).
+
+    Without those instructions bf16 matmuls are emulated and slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """Pick the autocast mode: ``"auto"`` becomes bf16/fp16 on CUDA and fp32 on CPU."""
+    """Pick the autocast mode. ``"auto"``: bf16 (or fp16 without bf16 support) on
+    CUDA; on CPU bf16 where the CPU has native bf16 math, else fp32."""
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             # CPU autocast supports fp16, but it is slow and needs loss scaling: allowed
@@ -198,7 +216,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 _AUTOCAST_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -88,7 +88,7 @@ def _default_train() -> TrainConfig:
         eval_batches=6,
         log_every_steps=10,
         checkpoint_every_s=120.0,
-        precision="fp32",
+        precision="auto",  # bf16 on CPUs with native bf16: ~2x fp32's speed, same loss per step
         device="auto",
     )
 
