@@ -150,17 +150,44 @@ def quant_linear(
     elif x2.shape[0] > LARGE_M:
         # prefill: a float GEMM library reuses weights from cache far better
         y = F.linear(x2, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    elif torch.is_grad_enabled() and x2.requires_grad:
+        y = _QuantLinearFunction.apply(x2, weight, bias)
     else:
-        y = torch.ops.minigpt.quant_linear(
-            x2.contiguous(),
-            weight.qweight,
-            weight.scales,
-            weight.zeros,
-            bias,
-            _FMT_CODE[weight.fmt],
-            weight.block,
-        )
+        y = _fused(x2, weight, bias)
     return y.reshape(*lead, n)
+
+
+def _fused(x2: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.minigpt.quant_linear(
+        x2.contiguous(),
+        weight.qweight,
+        weight.scales,
+        weight.zeros,
+        bias,
+        _FMT_CODE[weight.fmt],
+        weight.block,
+    )
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """Gradient with respect to x (and bias) through a frozen quantized weight.
+
+    QLoRA trains adapters on top of a quantized base: the base weight gets no
+    gradient, but the activations below it do: dx = dy @ dequantize(W).
+    """
+
+    @staticmethod
+    def forward(ctx, x2, weight, bias):  # type: ignore[override]
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        return _fused(x2, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        w = ctx.weight.dequantize(torch.float32)
+        dx = (dy.float() @ w).to(dy.dtype)
+        db = dy.float().sum(0).to(dy.dtype) if ctx.has_bias else None
+        return dx, None, db
 
 
 def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
