@@ -165,6 +165,27 @@ void q4_tile(const float* x, const QuantWeightView& w, int64_t n0, const float* 
         o[c] = Vec::set1(-float(w.zeros[idx]) * sc);
       }
     }
+    if constexpr (MB == 1) {
+      // Decode (one row): sum x * code over the group first and apply the
+      // group's affine map once at the end: sum x*(q*s + o) = s*sum(x*q) + o*sum(x).
+      // This drops the per-weight dequantize FMA from the inner loop.
+      Vec part[NB], xsum = Vec::zero();
+      for (int c = 0; c < NB; ++c) part[c] = Vec::zero();
+      for (int64_t r = g * w.block; r < (g + 1) * w.block; r += 32) {
+        Vec codes[NB][kRunVecs];
+        for (int c = 0; c < NB; ++c) load_run32<NF4>(wr[c] + r / 2, codes[c], tab);
+        for (int j = 0; j < kRunVecs; ++j) {
+          const Vec xv = Vec::load(x + r + j * Vec::N);
+          if constexpr (!NF4) xsum = xsum + xv;
+          for (int c = 0; c < NB; ++c) part[c] = fmadd(xv, codes[c][j], part[c]);
+        }
+      }
+      for (int c = 0; c < NB; ++c) {
+        acc[0][c] = fmadd(part[c], s[c], acc[0][c]);
+        if constexpr (!NF4) acc[0][c] = fmadd(xsum, o[c], acc[0][c]);
+      }
+      continue;
+    }
     for (int64_t r = g * w.block; r < (g + 1) * w.block; r += 32) {
       Vec codes[NB][kRunVecs];
       for (int c = 0; c < NB; ++c) load_run32<NF4>(wr[c] + r / 2, codes[c], tab);
