@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from minigpt.model import GPT, GPTConfig
 from minigpt.model.hf import export_hf, import_gguf, import_hf
-
-transformers = pytest.importorskip("transformers")  # in the test extra
-gguf = pytest.importorskip("gguf")
 
 
 def tiny_llama(**overrides) -> GPT:
