@@ -68,22 +68,33 @@ def save_model(model: GPT, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def check_tensors_match(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Raise ``ValueError`` listing every missing, unexpected or mis-shaped tensor."""
-    expected = model_tensors(model)
+def tensor_mismatches(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
+) -> list[str]:
+    """Human-readable differences between two name -> tensor maps (names and shapes).
+
+    Shared by :func:`check_tensors_match` and the trainer's checkpoint loader, so
+    every "checkpoint from another config" error lists problems the same way.
+    """
     problems = []
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing:
         problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
         problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    for name in sorted(set(expected) & set(tensors)):
-        if expected[name].shape != tensors[name].shape:
+    for name in sorted(set(expected) & set(found)):
+        if expected[name].shape != found[name].shape:
             problems.append(
-                f"{name} has shape {tuple(tensors[name].shape)}, "
+                f"{name} has shape {tuple(found[name].shape)}, "
                 f"the config expects {tuple(expected[name].shape)}"
             )
+    return problems
+
+
+def check_tensors_match(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise ``ValueError`` listing every missing, unexpected or mis-shaped tensor."""
+    problems = tensor_mismatches(model_tensors(model), tensors)
     if problems:
         raise ValueError(
             f"the weights in {source} do not match the model config (a checkpoint from "

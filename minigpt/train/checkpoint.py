@@ -40,6 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minigpt.model.io import tensor_mismatches
+
 FORMAT = "minigpt-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -146,20 +148,7 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     """
     path = directory / WEIGHTS
     tensors = _read_safetensors(path)
-    expected = _unique_state(model)
-    problems = []
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing:
-        problems.append(f"missing tensors {missing[:4]}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:4]}")
-    for name in sorted(set(expected) & set(tensors)):
-        if expected[name].shape != tensors[name].shape:
-            problems.append(
-                f"{name}: checkpoint has shape {tuple(tensors[name].shape)}, "
-                f"the model has {tuple(expected[name].shape)}"
-            )
+    problems = tensor_mismatches(_unique_state(model), tensors)
     if problems:
         raise CheckpointError(
             f"the checkpoint {directory} was written for a different model config: "
