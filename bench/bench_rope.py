@@ -35,18 +35,6 @@ def _fwd_bwd(fn, q, k, dq, dk):
     return step
 
 
-def test_copy_bandwidth(compare):
-    """Reference point: copy 256 MiB into a fresh tensor (ours) and into a reused one."""
-    src = torch.randn(2**26)
-    dst = torch.empty_like(src)
-    compare.run(
-        lambda: torch.empty(2**26).copy_(src),
-        {"copy_into_reused": lambda: dst.copy_(src)},
-        bytes_moved=2 * src.numel() * 4,
-        rounds=10,
-    )
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_rope_fwd_bwd(compare, shape, dtype):
