@@ -10,20 +10,12 @@ dy and x, write dx), so it can be compared with the machine's copy bandwidth
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compiled
+from conftest import compiled, fwd_bwd
 
 from minigpt.kernels import add_rms_norm, rms_norm
 from minigpt.kernels.reference import add_rms_norm_reference, rms_norm_reference
 
 SHAPES = [(8192, 1024), (4096, 4096), (2048, 256)]
-
-
-def _fwd_bwd(fn, x, w, dy):
-    def step():
-        y = fn(x, w)
-        torch.autograd.grad(y, (x, w), dy)
-
-    return step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -35,11 +27,11 @@ def test_rms_norm_fwd_bwd(compare, shape, dtype):
     eps = 1e-6
     ref_compiled = compiled(rms_norm_reference)
     compare.run(
-        _fwd_bwd(lambda x, w: rms_norm(x, w, eps), x, w, dy),
+        fwd_bwd(lambda x, w: rms_norm(x, w, eps), (x, w), dy),
         {
-            "eager": _fwd_bwd(lambda x, w: rms_norm_reference(x, w, eps), x, w, dy),
-            "F.rms_norm": _fwd_bwd(lambda x, w: F.rms_norm(x, (shape[1],), w, eps), x, w, dy),
-            "compiled": _fwd_bwd(lambda x, w: ref_compiled(x, w, eps), x, w, dy),
+            "eager": fwd_bwd(lambda x, w: rms_norm_reference(x, w, eps), (x, w), dy),
+            "F.rms_norm": fwd_bwd(lambda x, w: F.rms_norm(x, (shape[1],), w, eps), (x, w), dy),
+            "compiled": fwd_bwd(lambda x, w: ref_compiled(x, w, eps), (x, w), dy),
         },
         bytes_moved=5 * x.numel() * x.element_size(),
         rounds=15,
@@ -54,17 +46,12 @@ def test_add_rms_norm_fwd_bwd(compare, dtype):
     w = torch.randn(shape[1], dtype=dtype, requires_grad=True)
     dy, dh = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     ref_compiled = compiled(add_rms_norm_reference)
-
-    def step(fn):
-        def run():
-            y, h = fn(x, r, w)
-            torch.autograd.grad((y, h), (x, r, w), (dy, dh))
-
-        return run
-
     compare.run(
-        step(add_rms_norm),
-        {"eager": step(add_rms_norm_reference), "compiled": step(ref_compiled)},
+        fwd_bwd(add_rms_norm, (x, r, w), (dy, dh)),
+        {
+            "eager": fwd_bwd(add_rms_norm_reference, (x, r, w), (dy, dh)),
+            "compiled": fwd_bwd(ref_compiled, (x, r, w), (dy, dh)),
+        },
         # fwd: read x, r; write y, h.  bwd: read dy, dh, h; write dx (= dr)
         bytes_moved=8 * x.numel() * x.element_size(),
         rounds=15,

@@ -11,7 +11,7 @@ bandwidth measured in the same file.
 
 import pytest
 import torch
-from conftest import compiled
+from conftest import compiled, fwd_bwd
 
 from minigpt.kernels import rope, rope_cos_sin
 from minigpt.kernels.reference import rope_reference, rotate_half
@@ -27,14 +27,6 @@ def _hf_rope(q, k, cos_full, sin_full):
     return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
 
 
-def _fwd_bwd(fn, q, k, dq, dk):
-    def step():
-        q_rot, k_rot = fn(q, k)
-        torch.autograd.grad((q_rot, k_rot), (q, k), (dq, dk))
-
-    return step
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_rope_fwd_bwd(compare, shape, dtype):
@@ -46,12 +38,13 @@ def test_rope_fwd_bwd(compare, shape, dtype):
     cos_full = torch.cat((cos, cos), -1).to(dtype)
     sin_full = torch.cat((sin, sin), -1).to(dtype)
     ref_compiled = compiled(rope_reference)
+    qk, grads = (q, k), (dq, dk)
     compare.run(
-        _fwd_bwd(lambda q, k: rope(q, k, cos, sin), q, k, dq, dk),
+        fwd_bwd(lambda q, k: rope(q, k, cos, sin), qk, grads),
         {
-            "eager": _fwd_bwd(lambda q, k: rope_reference(q, k, cos, sin), q, k, dq, dk),
-            "hf_formula": _fwd_bwd(lambda q, k: _hf_rope(q, k, cos_full, sin_full), q, k, dq, dk),
-            "compiled": _fwd_bwd(lambda q, k: ref_compiled(q, k, cos, sin), q, k, dq, dk),
+            "eager": fwd_bwd(lambda q, k: rope_reference(q, k, cos, sin), qk, grads),
+            "hf_formula": fwd_bwd(lambda q, k: _hf_rope(q, k, cos_full, sin_full), qk, grads),
+            "compiled": fwd_bwd(lambda q, k: ref_compiled(q, k, cos, sin), qk, grads),
         },
         bytes_moved=4 * (q.numel() + k.numel()) * q.element_size(),
         rounds=10,

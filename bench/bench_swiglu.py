@@ -13,21 +13,13 @@ fresh tensors).
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compiled
+from conftest import compiled, fwd_bwd
 
 from minigpt.kernels import swiglu
 from minigpt.kernels.reference import swiglu_reference
 
 # (tokens, MLP hidden width): Llama-ish MLP widths of models of width 1024 .. 1536
 SHAPES = [(1024, 2816), (4096, 4096)]
-
-
-def _fwd_bwd(fn, g, u, dy):
-    def step():
-        y = fn(g, u)
-        torch.autograd.grad(y, (g, u), dy)
-
-    return step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -38,11 +30,11 @@ def test_swiglu_fwd_bwd(compare, shape, dtype):
     dy = torch.randn(shape, dtype=dtype)
     ref_compiled = compiled(swiglu_reference)
     compare.run(
-        _fwd_bwd(swiglu, g, u, dy),
+        fwd_bwd(swiglu, (g, u), dy),
         {
-            "eager": _fwd_bwd(swiglu_reference, g, u, dy),
-            "F.silu*u": _fwd_bwd(lambda g, u: F.silu(g) * u, g, u, dy),
-            "compiled": _fwd_bwd(ref_compiled, g, u, dy),
+            "eager": fwd_bwd(swiglu_reference, (g, u), dy),
+            "F.silu*u": fwd_bwd(lambda g, u: F.silu(g) * u, (g, u), dy),
+            "compiled": fwd_bwd(ref_compiled, (g, u), dy),
         },
         bytes_moved=8 * g.numel() * g.element_size(),
         rounds=10,

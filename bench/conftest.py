@@ -2,15 +2,20 @@
 
 Every bench calls ``compare.run(ours, competitors, ...)``. pytest-benchmark times
 ``ours``; the competitors (eager reference, nearest torch built-in, torch.compile
-of the reference, ...) are timed right after with the same method (median of
-many rounds), and the ratios land in ``benchmark.extra_info``:
+of the reference, ...) are timed in the same rounds, interleaved: each round
+runs every competitor once and then ``ours`` once, so a change in machine load
+during the bench hits all of them alike and cancels out of the ratios. The
+results land in ``benchmark.extra_info``:
 
-    time_ms[<name>]         median milliseconds of each competitor
+    time_ms[<name>]         median wall milliseconds of each variant
+    cpu_ms[<name>]          median process CPU milliseconds (all threads) per call:
+                            less sensitive to other processes than wall time
     speedup_vs_<name>       competitor time / our time (> 1 means we are faster)
     GB/s, GFLOP/s           when the bench says how many bytes / flops one call moves
 
 This machine is noisy: look at ratios from one run, not absolute times across
-runs. ``pytest bench/ --benchmark-only`` runs them all; ``python bench/report.py
+runs. ``fwd_bwd(fn, inputs, grads)`` builds the usual forward+backward step.
+``pytest bench/ --benchmark-only`` runs them all; ``python bench/report.py
 out.json`` turns ``--benchmark-json out.json`` into a markdown table. With
 ``--benchmark-disable`` (as in CI) each callable runs once, as a smoke test that
 every competitor still works.
@@ -64,14 +69,38 @@ class Comparison:
             for fn in competitors.values():
                 fn()
             return extra
+        for _ in range(warmup):
+            for fn in (*competitors.values(), ours):
+                fn()
+        wall: dict[str, list[float]] = {name: [] for name in competitors}
+        cpu: dict[str, list[float]] = {name: [] for name in (*competitors, "minigpt")}
+        cpu_start = [0.0]
+
+        def competitors_round() -> None:
+            # pytest-benchmark calls this before each timed call of `ours`, untimed
+            for name, fn in competitors.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+            cpu_start[0] = time.process_time()
+
+        def after_ours() -> None:
+            cpu["minigpt"].append(time.process_time() - cpu_start[0])
+
         gc.collect()
-        self.benchmark.pedantic(ours, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        self.benchmark.pedantic(
+            ours,
+            setup=competitors_round,
+            teardown=after_ours,
+            rounds=rounds,
+            warmup_rounds=0,
+            iterations=1,
+        )
         t_ours = self.benchmark.stats.stats.median
-        times = {"minigpt": t_ours}
-        for name, fn in competitors.items():
-            gc.collect()
-            times[name] = median_seconds(fn, rounds, warmup)
+        times = {"minigpt": t_ours} | {k: statistics.median(v) for k, v in wall.items()}
         extra["time_ms"] = {k: round(v * 1e3, 4) for k, v in times.items()}
+        extra["cpu_ms"] = {k: round(statistics.median(v) * 1e3, 4) for k, v in cpu.items()}
         for name in competitors:
             extra[f"speedup_vs_{name}"] = round(times[name] / t_ours, 3)
         if bytes_moved is not None:
@@ -90,3 +119,26 @@ def compare(benchmark) -> Comparison:
 def compiled(fn: Callable) -> Callable:
     """``torch.compile`` of a function, the strongest generic competitor."""
     return torch.compile(fn, dynamic=False)
+
+
+def fwd_bwd(
+    fn: Callable[..., object],
+    inputs: tuple[torch.Tensor, ...],
+    grads: torch.Tensor | tuple[torch.Tensor, ...],
+) -> Callable[[], object]:
+    """One training step of ``fn``: forward on ``inputs``, then backward.
+
+    ``fn(*inputs)`` returns a tensor or a tuple of tensors; ``grads`` are the
+    incoming gradients, one per output. The gradients with respect to every
+    input that requires grad are computed (and returned, not accumulated into
+    ``.grad``, so repeated calls do no extra accumulate pass).
+    """
+    wrt = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+    grads = grads if isinstance(grads, tuple) else (grads,)
+
+    def step() -> object:
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        return torch.autograd.grad(outs, wrt, grads)
+
+    return step
