@@ -171,9 +171,15 @@ void pack_keys_bf16(const at::Tensor& k, const AttnShape& sh, int64_t ld, uint16
     for (int64_t t = b; t < e; ++t) {
       const int64_t h = t / chunks, j0 = (t % chunks) * chunk, j1 = std::min(total, j0 + chunk);
       uint16_t* base = ktp + h * dp * ld;  // [dp/2][ld][2]
+      uint32_t* words = reinterpret_cast<uint32_t*>(base);  // [dp/2][ld]: one pair per word
       for (int64_t j = j0; j < j1; ++j) {
         const uint16_t* row = src + (j * hkv + h) * d;
-        for (int64_t dd = 0; dd < d; ++dd) base[((dd >> 1) * ld + j) * 2 + (dd & 1)] = row[dd];
+        for (int64_t d2 = 0; d2 < d / 2; ++d2) {
+          uint32_t w;
+          std::memcpy(&w, row + 2 * d2, 4);
+          words[d2 * ld + j] = w;
+        }
+        if (d & 1) base[((d / 2) * ld + j) * 2] = row[d - 1];
         // head dims d..dp stay 0 from the zero-initialized buffer
       }
     }
@@ -241,40 +247,23 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_bf16(const at::Tensor& q, const
 void attention_bwd_bf16(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& out, const at::Tensor& lse, const AttnShape& sh, const SeqTable& seqs,
                         at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const int64_t total_k = k.size(0), dp = sh.dp, group = sh.hq / sh.hkv;
-  const int64_t ld = total_k + kAttnBlockK;
-  std::vector<uint16_t> ktp(size_t(sh.hkv * dp * ld)), vtp(size_t(sh.hkv * dp * ld));
-  std::vector<int64_t> pair_start(size_t(seqs.count()));
-  int64_t slots = 0;
-  for (int64_t b = 0; b < seqs.count(); ++b) {
-    pair_start[b] = slots;
-    slots += (seqs.k_len[b] + 1) / 2 * 2;
-  }
-  const int64_t npairs = slots / 2 + 1;
-  std::vector<uint16_t> kpi(size_t(sh.hkv * npairs * dp * 2));
-  pack_keys_bf16(k, sh, ld, ktp.data());
-  pack_keys_bf16(v, sh, ld, vtp.data());
-  pack_values_bf16(k, sh, seqs, pair_start, npairs, kpi.data());
+  const int64_t group = sh.hq / sh.hkv;
   const int64_t qs = sh.hq * sh.d, ks = sh.hkv * sh.d;
-  const int64_t nq = group * seqs.max_q, q_pairs = seqs.max_q / 2 + 1;
-  const int64_t u16 = 2 * nq * dp + 2 * group * q_pairs * 2 * dp + 3 * kAttnBlockQ * kAttnBlockK;
-  const int64_t work_floats =
-      nq * dp + 2 * nq + 2 * kAttnBlockK * dp + 2 * kAttnBlockQ * kAttnBlockK + 2 * dp + u16 / 2 + 16;
+  const int64_t work_floats = avx512::attn_bwd_bf16_work_floats(group, seqs.max_q, seqs.max_k, sh.dp);
   const BF16 *qp = ptr<const BF16>(q), *op = ptr<const BF16>(out), *dop = ptr<const BF16>(dout);
+  const BF16 *kp = ptr<const BF16>(k), *vp = ptr<const BF16>(v);
   const float* lp = ptr<const float>(lse);
   BF16 *dqp = ptr<BF16>(dq), *dkp = ptr<BF16>(dk), *dvp = ptr<BF16>(dv);
   at::parallel_for(0, seqs.count() * sh.hkv, 1, [&](int64_t ub, int64_t ue) {
     std::vector<float> work(static_cast<size_t>(work_floats));
     for (int64_t u = ub; u < ue; ++u) {
       const int64_t b = u / sh.hkv, kvh = u % sh.hkv;
+      if (seqs.q_len[b] == 0 || seqs.k_len[b] == 0) continue;
       const int64_t qo = seqs.q_start[b] * qs + kvh * group * sh.d;
       const int64_t ko = seqs.k_start[b] * ks + kvh * sh.d;
-      const int64_t col = kvh * dp * ld + 2 * seqs.k_start[b];
       avx512::attn_bwd_kv_head_bf16(sh, group, seqs.q_len[b], seqs.k_len[b], qp + qo, op + qo, dop + qo,
                                     lp + seqs.q_start[b] * sh.hq + kvh * group, qs, sh.hq, dqp + qo, dkp + ko,
-                                    dvp + ko, ks, ktp.data() + col, vtp.data() + col, ld,
-                                    kpi.data() + (kvh * npairs + pair_start[b] / 2) * dp * 2, q_pairs,
-                                    work.data());
+                                    dvp + ko, kp + ko, vp + ko, ks, work.data());
     }
   });
 }

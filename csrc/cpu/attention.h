@@ -52,4 +52,19 @@ inline void attn_visible_keys(const AttnShape& s, int64_t p, int64_t k_len, int6
   *hi = b;
 }
 
+// Which query rows i (0 <= i < q_len, at position i + shift) see key j, as [lo, hi): the
+// same rule as attn_visible_keys read the other way round. Both bounds grow with j.
+inline void attn_visible_queries(const AttnShape& s, int64_t j, int64_t shift, int64_t q_len, int64_t* lo,
+                                 int64_t* hi) {
+  int64_t a = 0, b = q_len;
+  if (s.causal && j - shift > a) a = j - shift;  // p >= j
+  if (s.window > 0) {
+    if (j + s.window - shift < b) b = j + s.window - shift;                      // p <= j + w - 1
+    if (!s.causal && j - s.window + 1 - shift > a) a = j - s.window + 1 - shift;  // p >= j - w + 1
+  }
+  if (b < a) b = a;
+  *lo = a;
+  *hi = b;
+}
+
 }  // namespace minigpt::cpu

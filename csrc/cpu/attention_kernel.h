@@ -628,136 +628,218 @@ MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int6
     finish_row(O + i * dp, m[i], l[i], d, out + i * o_stride, lse ? lse + i * lse_stride : nullptr);
 }
 
-// rows x 64 float tile -> bf16, transposed: dst[j * 64 + i] (zero for i >= rows).
-MG_BF16_TARGET inline void tile_to_bf16_transposed(const float* src, int64_t rows, uint16_t* dst) {
-  alignas(64) uint16_t tmp[kAttnBlockK];
-  for (int64_t i = 0; i < kAttnBlockQ; ++i) {
-    if (i < rows) {
-      for (int j = 0; j < kAttnBlockK; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(tmp + j),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i * kAttnBlockK + j)));
-      for (int j = 0; j < kAttnBlockK; ++j) dst[j * kAttnBlockQ + i] = tmp[j];
-    } else {
-      for (int j = 0; j < kAttnBlockK; ++j) dst[j * kAttnBlockQ + i] = 0;
+// ---- AVX512-BF16 backward -------------------------------------------------------------------
+//
+// Every product of the backward pass is the same micro-kernel as above, C += A @ B with
+// A in bf16 rows (reduction dimension contiguous) and B "pair-interleaved" along the
+// reduction dimension. To avoid transposing tiles element by element, one thread owns a
+// (sequence, kv head) and works key-major: for a block of 64 keys j and 64 queries i
+//   S^T  = K  Q^T     A = key rows,          B = Q  pairs over d  (QTv)
+//   dP^T = V  dO^T    A = value rows,        B = dO pairs over d  (dOTv)
+//   P^T  = exp(S^T * scale - lse[i]),  dS^T = P^T * (dP^T - delta[i])
+//   dV  += P^T dO     A = P^T (bf16),        B = dO pairs over i  (dOpi)
+//   dK  += dS^T Q     A = dS^T (bf16),       B = Q  pairs over i  (Qpi)
+//   dQ^T += K^T dS^T  A = transposed keys KT, B = dS^T pairs over j (built with vpermt2w)
+// so the only transposes are O(T * D) packings per thread, never per tile. dQ is kept
+// transposed (dQT[d][i]) in float32 and written out once at the end.
+
+// 16 bf16 of `a` and 16 of `b` -> a0 b0 a1 b1 ... a15 b15 (one vpermt2w).
+MG_BF16_TARGET inline __m512i interleave16(__m256i a, __m256i b) {
+  const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  return _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx, _mm512_castsi256_si512(b));
+}
+
+// Pairs along the head dim: dst[(d2 * ld + j) * 2 + e] = src[j * stride + 2 * d2 + e] for
+// j < n, zero for head dims d..dp and tokens n..ld. (A 32-bit transpose.)
+MG_BF16_TARGET inline void pack_pairs_over_d(const BF16* src, int64_t stride, int64_t n, int64_t d, int64_t dp,
+                                             uint16_t* dst, int64_t ld) {
+  const int64_t whole = d / 2, half = dp / 2;
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(src + j * stride);
+    for (int64_t d2 = 0; d2 < whole; ++d2) {
+      uint32_t w;
+      __builtin_memcpy(&w, row + 2 * d2, 4);
+      out[d2 * ld + j] = w;
+    }
+    if (d & 1) out[whole * ld + j] = row[d - 1];  // odd head dim: the last pair is (x, 0)
+    for (int64_t d2 = (d + 1) / 2; d2 < half; ++d2) out[d2 * ld + j] = 0;
+  }
+  for (int64_t d2 = 0; d2 < half; ++d2)
+    for (int64_t j = n; j < ld; ++j) out[d2 * ld + j] = 0;
+}
+
+// Pairs along the rows: dst[((i / 2) * dp + c) * 2 + (i & 1)] = src[i * stride + c] for
+// i < n, zero for columns d..dp and rows n..2 * pairs.
+MG_BF16_TARGET inline void pack_pairs_over_rows(const BF16* src, int64_t stride, int64_t n, int64_t d,
+                                                int64_t dp, uint16_t* dst, int64_t pairs) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    const int64_t i = 2 * p;
+    const uint16_t* a = reinterpret_cast<const uint16_t*>(src + i * stride);
+    const uint16_t* b = reinterpret_cast<const uint16_t*>(src + (i + 1) * stride);
+    uint16_t* o = dst + p * 2 * dp;
+    for (int64_t c = 0; c < dp; c += 16) {
+      const int64_t cnt = mg_max(0, mg_min(16, d - c));
+      const __mmask16 m = cnt == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1u);
+      const __m256i va = i < n ? _mm256_maskz_loadu_epi16(m, a + c) : _mm256_setzero_si256();
+      const __m256i vb = i + 1 < n ? _mm256_maskz_loadu_epi16(m, b + c) : _mm256_setzero_si256();
+      _mm512_storeu_si512(o + 2 * c, interleave16(va, vb));
     }
   }
 }
 
-MG_BF16_TARGET inline void tile_to_bf16(const float* src, int64_t rows, uint16_t* dst) {
-  for (int64_t i = 0; i < rows * kAttnBlockK; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
-}
+// One key block against one query block of one query head (see the comment above).
+// Kr/Vr: key/value rows at the block's first key (lda elements apart, dp valid),
+// QTv/dOTv at the block's first query (2 * q_ld elements per d pair), Qpi/dOpi at the
+// block's first query pair, L/delta at the first query, KT at the block's first key.
+struct BwdTileArgs {
+  const uint16_t *Kr, *Vr, *QTv, *dOTv, *Qpi, *dOpi, *KT;
+  int64_t lda_k, lda_v, q_ld, k_ld;
+  const float *L, *delta;
+  float* dQT;  // at the block's first query column, q_ld floats per head dim
+};
 
-// bf16 rows (stride `stride`) -> [n][dp] rows zero-padded, and [n/2][dp][2] pair-interleaved.
-inline void pack_bf16_rows(const BF16* src, int64_t stride, int64_t n, int64_t d, int64_t dp, uint16_t* rows,
-                           uint16_t* pairs) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint16_t* x = reinterpret_cast<const uint16_t*>(src + i * stride);
-    uint16_t* r = rows + i * dp;
-    uint16_t* p = pairs + (i / 2) * 2 * dp + (i & 1);
-    for (int64_t c = 0; c < d; ++c) {
-      r[c] = x[c];
-      p[2 * c] = x[c];
+MG_BF16_TARGET inline void bwd_tile_bf16(const AttnShape& sh, const BwdTileArgs& a, int64_t n, int64_t rows_i,
+                                         int64_t k0, int64_t i0, int64_t shift, int64_t q_len, bool full,
+                                         float* dK, float* dV, float* ST, float* dPT, uint16_t* PTb,
+                                         uint16_t* dSTb, uint16_t* dSv) {
+  const int64_t dp = sh.dp;
+  qk_block_bf16(a.Kr, a.lda_k, a.QTv, 2 * a.q_ld, dp, n, ST);
+  qk_block_bf16(a.Vr, a.lda_v, a.dOTv, 2 * a.q_ld, dp, n, dPT);
+  const Vec vscale = Vec::set1(sh.scale);
+  for (int64_t j = 0; j < n; ++j) {
+    float* s = ST + j * kAttnBlockQ;
+    float* dp_row = dPT + j * kAttnBlockQ;
+    if (!full) {
+      int64_t lo, hi;
+      attn_visible_queries(sh, k0 + j, shift, q_len, &lo, &hi);
+      mask_outside(s, lo - i0, hi - i0);
     }
-    for (int64_t c = d; c < dp; ++c) {
-      r[c] = 0;
-      p[2 * c] = 0;
+    for (int c = 0; c < kAttnBlockQ; c += 16) {
+      const Vec p = vexp(Vec::load(s + c) * vscale - Vec::load(a.L + c));
+      const Vec ds = p * (Vec::load(dp_row + c) - Vec::load(a.delta + c));
+      ds.store(dp_row + c);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(PTb + j * kAttnBlockQ + c), (__m256i)_mm512_cvtneps_pbh(p.r));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dSTb + j * kAttnBlockQ + c),
+                          (__m256i)_mm512_cvtneps_pbh(ds.r));
     }
   }
-  if (n & 1) {  // the unused half of the last pair
-    uint16_t* p = pairs + (n / 2) * 2 * dp + 1;
-    for (int64_t c = 0; c < dp; ++c) p[2 * c] = 0;
+  // dS^T rows (j, j + 1) -> pairs over j for the dQ product; a missing odd row is zero
+  for (int64_t j = 0; j < n; j += 2) {
+    for (int c = 0; c < kAttnBlockQ; c += 16) {
+      const __m256i r0 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dPT + j * kAttnBlockQ + c));
+      const __m256i r1 = j + 1 < n ? (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dPT + (j + 1) * kAttnBlockQ + c))
+                                   : _mm256_setzero_si256();
+      _mm512_storeu_si512(dSv + (j / 2) * 2 * kAttnBlockQ + 2 * c, interleave16(r0, r1));
+    }
   }
+  pv_block_bf16(dV, dp, PTb, kAttnBlockQ, n, rows_i, a.dOpi, dp);
+  pv_block_bf16(dK, dp, dSTb, kAttnBlockQ, n, rows_i, a.Qpi, dp);
+  pv_block_bf16(a.dQT, a.q_ld, a.KT, a.k_ld, dp, n, dSv, kAttnBlockQ);
 }
 
-// Backward of one (sequence, kv head) for bf16 inputs with AVX512_BF16; the same
-// recomputation as attn_bwd_kv_head, with every product on vdpbf16ps:
-//   S  = Q K^T      (qk form: Q rows, keys pair-transposed ktp)
-//   dP = dO V^T     (qk form: dO rows, values pair-transposed vtp)
-//   dV += P^T dO    (pv form: P^T in bf16, dO pair-interleaved over queries)
-//   dQ += dS K      (pv form: dS in bf16, keys pair-interleaved kpi)
-//   dK += dS^T Q    (pv form: dS^T in bf16, Q pair-interleaved over queries)
-// ktp/vtp at the sequence's first key (2 * t_ld elements per d pair), kpi at the
-// sequence's first key pair. q_pairs: pairs reserved per head for the interleaved Q/dO.
+// uint16 elements of workspace attn_bwd_kv_head_bf16 needs beyond its floats (see below).
+inline int64_t attn_bwd_bf16_work_floats(int64_t group, int64_t q_len, int64_t k_len, int64_t dp) {
+  const int64_t q_ld = (q_len + kAttnBlockQ - 1) / kAttnBlockQ * kAttnBlockQ;
+  const int64_t k_ld = (k_len + kAttnBlockK - 1) / kAttnBlockK * kAttnBlockK;
+  const int64_t floats = group * dp * q_ld + 2 * group * q_ld + 2 * kAttnBlockK * dp + 2 * kAttnBlockK * kAttnBlockQ +
+                         16 * dp;
+  const int64_t halves = 4 * group * dp * q_ld + 3 * k_ld * dp + 3 * kAttnBlockK * kAttnBlockQ;
+  return floats + (halves + 1) / 2 + 32;
+}
+
+// Backward of one (sequence, kv head) for bf16 inputs with AVX512_BF16 (all query heads of
+// the group). q/out/dout/dq at the group's first query head of the sequence's first token,
+// k/v/dk/dv at the kv head's first key; work: attn_bwd_bf16_work_floats floats.
 MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, int64_t q_len, int64_t k_len,
                                           const BF16* q, const BF16* out, const BF16* dout, const float* lse,
                                           int64_t q_stride, int64_t lse_stride, BF16* dq, BF16* dk, BF16* dv,
-                                          int64_t k_stride, const uint16_t* ktp, const uint16_t* vtp,
-                                          int64_t t_ld, const uint16_t* kpi, int64_t q_pairs, float* work) {
+                                          const BF16* k, const BF16* v, int64_t k_stride, float* work) {
   const int64_t dp = sh.dp, d = sh.d;
-  const int64_t nq = group * q_len;
-  float* dQ = work;                  // [group][q_len][dp]
-  float* L = dQ + nq * dp;           // [group][q_len]
-  float* delta = L + nq;             // [group][q_len]
-  float* dK = delta + nq;            // [64][dp]
-  float* dV = dK + kAttnBlockK * dp;
-  float* P = dV + kAttnBlockK * dp;  // [64][64]
-  float* dS = P + kAttnBlockQ * kAttnBlockK;
-  float* orow = dS + kAttnBlockQ * kAttnBlockK;  // [dp]
-  float* gorow = orow + dp;                      // [dp]
-  uint16_t* Qb = reinterpret_cast<uint16_t*>(gorow + dp);  // [group][q_len][dp]
-  uint16_t* dOb = Qb + nq * dp;                             // [group][q_len][dp]
-  uint16_t* Qpi = dOb + nq * dp;                            // [group][q_pairs][dp][2]
-  uint16_t* dOpi = Qpi + group * q_pairs * 2 * dp;          // [group][q_pairs][dp][2]
-  uint16_t* PT = dOpi + group * q_pairs * 2 * dp;           // [64][64]
-  uint16_t* dSb = PT + kAttnBlockK * kAttnBlockQ;           // [64][64]
-  uint16_t* dST = dSb + kAttnBlockQ * kAttnBlockK;          // [64][64]
+  const int64_t q_ld = (q_len + kAttnBlockQ - 1) / kAttnBlockQ * kAttnBlockQ;
+  const int64_t k_ld = (k_len + kAttnBlockK - 1) / kAttnBlockK * kAttnBlockK;
+  float* dQT = work;                          // [group][dp][q_ld]
+  float* L = dQT + group * dp * q_ld;         // [group][q_ld]  lse, +inf for empty/padded rows
+  float* delta = L + group * q_ld;            // [group][q_ld]
+  float* dK = delta + group * q_ld;           // [64][dp]
+  float* dV = dK + kAttnBlockK * dp;          // [64][dp]
+  float* ST = dV + kAttnBlockK * dp;          // [64][64]
+  float* dPT = ST + kAttnBlockK * kAttnBlockQ;  // [64][64]
+  float* rowbuf = dPT + kAttnBlockK * kAttnBlockQ;  // [16][dp]
+  uint16_t* QTv = reinterpret_cast<uint16_t*>(rowbuf + 16 * dp);  // [group][dp/2][q_ld][2]
+  uint16_t* dOTv = QTv + group * dp * q_ld;
+  uint16_t* Qpi = dOTv + group * dp * q_ld;  // [group][q_ld/2][dp][2]
+  uint16_t* dOpi = Qpi + group * dp * q_ld;
+  uint16_t* KT = dOpi + group * dp * q_ld;   // [dp][k_ld]
+  uint16_t* Kp = KT + dp * k_ld;             // [k_ld][dp] (only when d < dp)
+  uint16_t* Vp = Kp + k_ld * dp;
+  uint16_t* PTb = Vp + k_ld * dp;            // [64][64]
+  uint16_t* dSTb = PTb + kAttnBlockK * kAttnBlockQ;
+  uint16_t* dSv = dSTb + kAttnBlockK * kAttnBlockQ;  // [32][64][2]
+  float* orow = rowbuf;
+  float* gorow = rowbuf + dp;
   for (int64_t g = 0; g < group; ++g) {
-    pack_bf16_rows(q + g * d, q_stride, q_len, d, dp, Qb + g * q_len * dp, Qpi + g * q_pairs * 2 * dp);
-    pack_bf16_rows(dout + g * d, q_stride, q_len, d, dp, dOb + g * q_len * dp, dOpi + g * q_pairs * 2 * dp);
+    pack_pairs_over_d(q + g * d, q_stride, q_len, d, dp, QTv + g * dp * q_ld, q_ld);
+    pack_pairs_over_d(dout + g * d, q_stride, q_len, d, dp, dOTv + g * dp * q_ld, q_ld);
+    pack_pairs_over_rows(q + g * d, q_stride, q_len, d, dp, Qpi + g * dp * q_ld, q_ld / 2);
+    pack_pairs_over_rows(dout + g * d, q_stride, q_len, d, dp, dOpi + g * dp * q_ld, q_ld / 2);
     for (int64_t i = 0; i < q_len; ++i) {
       attn_pack_rows(out + g * d + i * q_stride, q_stride, 1, d, dp, 1.0f, orow);
       attn_pack_rows(dout + g * d + i * q_stride, q_stride, 1, d, dp, 1.0f, gorow);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t dd = 0; dd < dp; dd += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(gorow + dd), _mm512_loadu_ps(orow + dd), acc);
-      delta[g * q_len + i] = _mm512_reduce_add_ps(acc);
-      const float v = lse[g + i * lse_stride];
-      L[g * q_len + i] = v == kNegInf ? __builtin_inff() : v;
+      Vec acc = Vec::zero();
+      for (int64_t dd = 0; dd < dp; dd += 16) acc = fmadd(Vec::load(gorow + dd), Vec::load(orow + dd), acc);
+      delta[g * q_ld + i] = acc.reduce_add();
+      const float x = lse[g + i * lse_stride];
+      L[g * q_ld + i] = x == kNegInf ? __builtin_inff() : x;  // exp(S - inf) == 0: no gradient
+    }
+    for (int64_t i = q_len; i < q_ld; ++i) {
+      delta[g * q_ld + i] = 0.0f;
+      L[g * q_ld + i] = __builtin_inff();
     }
   }
-  for (int64_t i = 0; i < nq * dp; ++i) dQ[i] = 0.0f;
+  // keys and values as bf16 rows of dp elements (used in place when d == dp), keys transposed
+  const uint16_t* Kr = reinterpret_cast<const uint16_t*>(k);
+  const uint16_t* Vr = reinterpret_cast<const uint16_t*>(v);
+  int64_t lda = k_stride;
+  if (d != dp) {
+    for (int64_t j = 0; j < k_len; ++j) {
+      const uint16_t* ks = reinterpret_cast<const uint16_t*>(k + j * k_stride);
+      const uint16_t* vs = reinterpret_cast<const uint16_t*>(v + j * k_stride);
+      for (int64_t c = 0; c < dp; ++c) {
+        Kp[j * dp + c] = c < d ? ks[c] : 0;
+        Vp[j * dp + c] = c < d ? vs[c] : 0;
+      }
+    }
+    Kr = Kp, Vr = Vp, lda = dp;
+  }
+  for (int64_t j0 = 0; j0 < k_ld; j0 += 16)
+    for (int64_t c = 0; c < dp; ++c)
+      for (int64_t j = j0; j < j0 + 16; ++j)
+        KT[c * k_ld + j] = j < k_len && c < d ? reinterpret_cast<const uint16_t*>(k + j * k_stride)[c] : 0;
+  for (int64_t i = 0; i < group * dp * q_ld; ++i) dQT[i] = 0.0f;
+
   const int64_t shift = k_len - q_len;
-  const __m512 vscale = _mm512_set1_ps(sh.scale);
   for (int64_t k0 = 0; k0 < k_len; k0 += kAttnBlockK) {
     const int64_t n = mg_min(kAttnBlockK, k_len - k0);
-    for (int64_t i = 0; i < kAttnBlockK * dp; ++i) dK[i] = dV[i] = 0.0f;
-    for (int64_t i0 = 0; i0 < q_len; i0 += kAttnBlockQ) {
-      const int64_t rows = mg_min(kAttnBlockQ, q_len - i0);
-      int64_t lo_first, hi_first, lo_last, hi_last;
-      attn_visible_keys(sh, i0 + shift, k_len, &lo_first, &hi_first);
-      attn_visible_keys(sh, i0 + rows - 1 + shift, k_len, &lo_last, &hi_last);
-      if (hi_last <= k0 || lo_first >= k0 + n) continue;
-      const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
+    int64_t lo_first, hi_first, lo_last, hi_last;  // queries that see the first / last key
+    attn_visible_queries(sh, k0, shift, q_len, &lo_first, &hi_first);
+    attn_visible_queries(sh, k0 + n - 1, shift, q_len, &lo_last, &hi_last);
+    const int64_t i_end = hi_last;
+    if (lo_first >= i_end) continue;  // no query sees this block: dk, dv stay 0
+    for (int64_t i = 0; i < n * dp; ++i) dK[i] = dV[i] = 0.0f;
+    for (int64_t i0 = lo_first / kAttnBlockQ * kAttnBlockQ; i0 < i_end; i0 += kAttnBlockQ) {
+      const int64_t rows_i = mg_min(kAttnBlockQ, q_len - i0);
+      const bool full = lo_last <= i0 && hi_first >= i0 + rows_i;
       for (int64_t g = 0; g < group; ++g) {
-        const float* Lg = L + g * q_len + i0;
-        const float* Dg = delta + g * q_len + i0;
-        qk_block_bf16(Qb + (g * q_len + i0) * dp, dp, ktp + 2 * k0, 2 * t_ld, dp, rows, P);
-        for (int64_t i = 0; i < rows; ++i) {
-          float* s = P + i * kAttnBlockK;
-          for (int j = 0; j < kAttnBlockK; j += 16)
-            _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
-          if (!full) {
-            int64_t lo, hi;
-            attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
-            mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
-          }
-          exp_row64(s, Lg[i]);
-        }
-        qk_block_bf16(dOb + (g * q_len + i0) * dp, dp, vtp + 2 * k0, 2 * t_ld, dp, rows, dS);
-        for (int64_t i = 0; i < rows; ++i) {
-          const __m512 dl = _mm512_set1_ps(Dg[i]);
-          float* ds = dS + i * kAttnBlockK;
-          const float* p = P + i * kAttnBlockK;
-          for (int j = 0; j < kAttnBlockK; j += 16)
-            _mm512_storeu_ps(ds + j, _mm512_mul_ps(_mm512_loadu_ps(p + j), _mm512_sub_ps(_mm512_loadu_ps(ds + j), dl)));
-        }
-        tile_to_bf16_transposed(P, rows, PT);
-        tile_to_bf16(dS, rows, dSb);
-        tile_to_bf16_transposed(dS, rows, dST);
-        pv_block_bf16(dV, dp, PT, kAttnBlockQ, n, rows, dOpi + g * q_pairs * 2 * dp + i0 * dp, dp);
-        pv_block_bf16(dQ + (g * q_len + i0) * dp, dp, dSb, kAttnBlockK, rows, n, kpi + k0 * dp, dp);
-        pv_block_bf16(dK, dp, dST, kAttnBlockQ, n, rows, Qpi + g * q_pairs * 2 * dp + i0 * dp, dp);
+        BwdTileArgs a;
+        a.Kr = Kr + k0 * lda, a.Vr = Vr + k0 * lda, a.lda_k = a.lda_v = lda;
+        a.QTv = QTv + g * dp * q_ld + 2 * i0, a.dOTv = dOTv + g * dp * q_ld + 2 * i0;
+        a.Qpi = Qpi + g * dp * q_ld + i0 * dp, a.dOpi = dOpi + g * dp * q_ld + i0 * dp;
+        a.KT = KT + k0, a.q_ld = q_ld, a.k_ld = k_ld;
+        a.L = L + g * q_ld + i0, a.delta = delta + g * q_ld + i0;
+        a.dQT = dQT + g * dp * q_ld + i0;
+        bwd_tile_bf16(sh, a, n, rows_i, k0, i0, shift, q_len, full, dK, dV, ST, dPT, PTb, dSTb, dSv);
       }
     }
     for (int64_t j = 0; j < n; ++j) {
@@ -765,8 +847,16 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
       finish_row<BF16>(dV + j * dp, 0.0f, 1.0f, d, dv + (k0 + j) * k_stride, nullptr);
     }
   }
+  // dQ = scale * (dQ^T)^T, 16 query rows at a time (contiguous reads along i)
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < q_len; ++i)
-      finish_row<BF16>(dQ + (g * q_len + i) * dp, 0.0f, 1.0f / sh.scale, d, dq + g * d + i * q_stride, nullptr);
+    for (int64_t i0 = 0; i0 < q_len; i0 += 16) {
+      const int64_t m = mg_min(16, q_len - i0);
+      for (int64_t c = 0; c < d; ++c) {
+        const float* src = dQT + (g * dp + c) * q_ld + i0;
+        for (int64_t i = 0; i < m; ++i) rowbuf[i * dp + c] = src[i];
+      }
+      for (int64_t i = 0; i < m; ++i)
+        finish_row<BF16>(rowbuf + i * dp, 0.0f, 1.0f / sh.scale, d, dq + g * d + (i0 + i) * q_stride, nullptr);
+    }
 }
 #endif  // MG_ISA_AVX512
