@@ -163,25 +163,14 @@ bool attention_set_bf16_dot(bool enable) { return bf16_dot_enabled().exchange(en
 //                               each sequence starts on a pair (pair_start), padding is 0
 void pack_keys_bf16(const at::Tensor& k, const AttnShape& sh, int64_t ld, uint16_t* ktp) {
   const int64_t total = k.size(0), hkv = sh.hkv, d = sh.d, dp = sh.dp;
-  const uint16_t* src = ptr<const uint16_t>(k);
-  // tiles of 64 tokens: each token row is read once, each (d pair) run written contiguously
-  constexpr int64_t chunk = 64;
+  const BF16* src = ptr<const BF16>(k);
+  constexpr int64_t chunk = 256;  // tokens per task
   const int64_t chunks = (total + chunk - 1) / chunk;
   at::parallel_for(0, hkv * chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t h = t / chunks, j0 = (t % chunks) * chunk, j1 = std::min(total, j0 + chunk);
-      uint16_t* base = ktp + h * dp * ld;  // [dp/2][ld][2]
-      uint32_t* words = reinterpret_cast<uint32_t*>(base);  // [dp/2][ld]: one pair per word
-      for (int64_t j = j0; j < j1; ++j) {
-        const uint16_t* row = src + (j * hkv + h) * d;
-        for (int64_t d2 = 0; d2 < d / 2; ++d2) {
-          uint32_t w;
-          std::memcpy(&w, row + 2 * d2, 4);
-          words[d2 * ld + j] = w;
-        }
-        if (d & 1) base[((d / 2) * ld + j) * 2] = row[d - 1];
-        // head dims d..dp stay 0 from the zero-initialized buffer
-      }
+      const int64_t h = t / chunks, j0 = (t % chunks) * chunk, n = std::min(chunk, total - j0);
+      // columns past `total` stay 0 from the zero-initialized buffer
+      avx512::pack_pairs_over_d(src + j0 * hkv * d + h * d, hkv * d, n, d, dp, ktp + h * dp * ld + 2 * j0, ld);
     }
   });
 }
@@ -189,16 +178,12 @@ void pack_keys_bf16(const at::Tensor& k, const AttnShape& sh, int64_t ld, uint16
 void pack_values_bf16(const at::Tensor& v, const AttnShape& sh, const SeqTable& seqs,
                       const std::vector<int64_t>& pair_start, int64_t npairs, uint16_t* vpi) {
   const int64_t hkv = sh.hkv, d = sh.d, dp = sh.dp;
-  const uint16_t* src = ptr<const uint16_t>(v);
+  const BF16* src = ptr<const BF16>(v);
   at::parallel_for(0, hkv * seqs.count(), 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t h = t / seqs.count(), sq = t % seqs.count();
-      for (int64_t j = 0; j < seqs.k_len[sq]; ++j) {
-        const int64_t slot = pair_start[sq] + j;
-        uint16_t* dst = vpi + ((h * npairs + slot / 2) * dp) * 2 + (slot & 1);
-        const uint16_t* row = src + ((seqs.k_start[sq] + j) * hkv + h) * d;
-        for (int64_t c = 0; c < d; ++c) dst[2 * c] = row[c];
-      }
+      avx512::pack_pairs_over_rows(src + seqs.k_start[sq] * hkv * d + h * d, hkv * d, seqs.k_len[sq], d, dp,
+                                   vpi + (h * npairs + pair_start[sq] / 2) * dp * 2, (seqs.k_len[sq] + 1) / 2);
     }
   });
 }

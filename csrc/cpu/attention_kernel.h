@@ -574,6 +574,38 @@ MG_BF16_TARGET inline void pv_block_bf16(float* C, int64_t ldc, const uint16_t* 
   }
 }
 
+// online_softmax for raw (unscaled, masked) scores, fused into one pass per row: the scale
+// is applied inside the exponent and the probabilities are written as bf16 rows to Pb
+// (the A operand of the P @ V product). The running sum uses the float32 values.
+MG_BF16_TARGET inline void online_softmax_bf16(const float* S, int64_t rows, float scale, float* m, float* l,
+                                               float* O, int64_t dp, uint16_t* Pb) {
+  const Vec vscale = Vec::set1(scale);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = S + i * kAttnBlockK;
+    uint16_t* pb = Pb + i * kAttnBlockK;
+    const float mx = row_max64(s) * scale;  // scale > 0: the max commutes with it
+    if (mx == kNegInf) {  // nothing visible in this block for this row
+      for (int j = 0; j < kAttnBlockK; j += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j), _mm256_setzero_si256());
+      continue;
+    }
+    const float m_new = m[i] > mx ? m[i] : mx;
+    const float alpha = __builtin_expf(m[i] - m_new);  // 0 when m[i] == -inf
+    const Vec neg_m = Vec::set1(-m_new);
+    Vec sum = Vec::zero();
+    for (int j = 0; j < kAttnBlockK; j += 16) {
+      const Vec p = vexp(fmadd(Vec::load(s + j), vscale, neg_m));
+      sum = sum + p;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j), (__m256i)_mm512_cvtneps_pbh(p.r));
+    }
+    if (alpha != 1.0f) {
+      scale_row(O + i * dp, dp, alpha);
+      l[i] *= alpha;
+    }
+    l[i] += sum.reduce_add();
+    m[i] = m_new;
+  }
+}
+
 // Forward of one (sequence, query head, query block) for bf16 inputs with AVX512_BF16.
 // ktp: this kv head's pair-transposed keys at the sequence's first key (2 * kt_ld
 // elements per d pair); vpi: pair-interleaved values at the sequence's first key
@@ -603,25 +635,17 @@ MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int6
   attn_visible_keys(sh, i0 + shift, k_len, &lo_first, &hi_first);
   attn_visible_keys(sh, i0 + rows - 1 + shift, k_len, &lo_last, &hi_last);
   const int64_t k_begin = lo_first & ~int64_t(1), k_end = hi_last;  // blocks start on a key pair
-  const __m512 vscale = _mm512_set1_ps(sh.scale);
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kAttnBlockK) {
     const int64_t n = mg_min(kAttnBlockK, k_end - k0);
     qk_block_bf16(Qb, dp, ktp + 2 * k0, 2 * kt_ld, dp, rows, S);
     const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
-    for (int64_t i = 0; i < rows; ++i) {
-      float* s = S + i * kAttnBlockK;
-      for (int j = 0; j < kAttnBlockK; j += 16) _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), vscale));
-      if (!full) {
+    if (!full)
+      for (int64_t i = 0; i < rows; ++i) {
         int64_t lo, hi;
         attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
-        mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
+        mask_outside(S + i * kAttnBlockK, lo - k0, mg_min(hi, k0 + n) - k0);
       }
-    }
-    online_softmax(S, rows, m, l, O, dp);
-    for (int64_t i = 0; i < rows; ++i)
-      for (int j = 0; j < kAttnBlockK; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(Pb + i * kAttnBlockK + j),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(S + i * kAttnBlockK + j)));
+    online_softmax_bf16(S, rows, sh.scale, m, l, O, dp, Pb);
     pv_block_bf16(O, dp, Pb, kAttnBlockK, rows, n, vpi + k0 * dp, dp);
   }
   for (int64_t i = 0; i < rows; ++i)
@@ -651,23 +675,35 @@ MG_BF16_TARGET inline __m512i interleave16(__m256i a, __m256i b) {
 }
 
 // Pairs along the head dim: dst[(d2 * ld + j) * 2 + e] = src[j * stride + 2 * d2 + e] for
-// j < n, zero for head dims d..dp and tokens n..ld. (A 32-bit transpose.)
+// j < n, zero for head dims d..dp (a 32-bit transpose; columns n..ld are left alone).
+// 16 tokens at a time: one gather per pair of head dims, one 64-byte store.
 MG_BF16_TARGET inline void pack_pairs_over_d(const BF16* src, int64_t stride, int64_t n, int64_t d, int64_t dp,
                                              uint16_t* dst, int64_t ld) {
   const int64_t whole = d / 2, half = dp / 2;
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t j = 0; j < n; ++j) {
-    const uint16_t* row = reinterpret_cast<const uint16_t*>(src + j * stride);
-    for (int64_t d2 = 0; d2 < whole; ++d2) {
-      uint32_t w;
-      __builtin_memcpy(&w, row + 2 * d2, 4);
-      out[d2 * ld + j] = w;
+  const bool gather = stride * 2 * 16 < (int64_t(1) << 31);  // byte offsets fit the int32 indices
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(int32_t(gather ? stride * 2 : 0)));
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t m = mg_min(16, n - j0);
+    const __mmask16 mask = m == 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1u);
+    const char* rows = reinterpret_cast<const char*>(src + j0 * stride);
+    if (gather) {
+      for (int64_t d2 = 0; d2 < whole; ++d2)
+        _mm512_mask_storeu_epi32(out + d2 * ld + j0, mask,
+                                 _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, rows + 4 * d2, 1));
+    } else {
+      for (int64_t j = j0; j < j0 + m; ++j)
+        for (int64_t d2 = 0; d2 < whole; ++d2) {
+          uint32_t w;
+          __builtin_memcpy(&w, reinterpret_cast<const uint16_t*>(src + j * stride) + 2 * d2, 4);
+          out[d2 * ld + j] = w;
+        }
     }
-    if (d & 1) out[whole * ld + j] = row[d - 1];  // odd head dim: the last pair is (x, 0)
-    for (int64_t d2 = (d + 1) / 2; d2 < half; ++d2) out[d2 * ld + j] = 0;
+    if (d & 1)  // odd head dim: the last pair is (x, 0)
+      for (int64_t j = j0; j < j0 + m; ++j) out[whole * ld + j] = reinterpret_cast<const uint16_t*>(src + j * stride)[d - 1];
+    for (int64_t d2 = (d + 1) / 2; d2 < half; ++d2) _mm512_mask_storeu_epi32(out + d2 * ld + j0, mask, _mm512_setzero_si512());
   }
-  for (int64_t d2 = 0; d2 < half; ++d2)
-    for (int64_t j = n; j < ld; ++j) out[d2 * ld + j] = 0;
 }
 
 // Pairs along the rows: dst[((i / 2) * dp + c) * 2 + (i & 1)] = src[i * stride + c] for
@@ -782,6 +818,9 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
   for (int64_t g = 0; g < group; ++g) {
     pack_pairs_over_d(q + g * d, q_stride, q_len, d, dp, QTv + g * dp * q_ld, q_ld);
     pack_pairs_over_d(dout + g * d, q_stride, q_len, d, dp, dOTv + g * dp * q_ld, q_ld);
+    for (int64_t d2 = 0; d2 < dp / 2; ++d2)
+      for (int64_t i = 2 * q_len; i < 2 * q_ld; ++i)
+        QTv[g * dp * q_ld + d2 * 2 * q_ld + i] = dOTv[g * dp * q_ld + d2 * 2 * q_ld + i] = 0;
     pack_pairs_over_rows(q + g * d, q_stride, q_len, d, dp, Qpi + g * dp * q_ld, q_ld / 2);
     pack_pairs_over_rows(dout + g * d, q_stride, q_len, d, dp, dOpi + g * dp * q_ld, q_ld / 2);
     for (int64_t i = 0; i < q_len; ++i) {
