@@ -134,3 +134,74 @@ def test_quant_linear_torch_compile():
         return torch.ops.minigpt.quant_linear(x, qw.qweight, qw.scales, None, None, 2, 64) * 2
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+# ---- dynamic int8 activations (act_quant="int8") -----------------------------------
+
+DYN_FORMATS = (("int8", None), ("int4", 32), ("int4", 64), ("int4", 128))
+# K=96/160/224: the last 4-bit chunk is partial (K % 128 != 0); K=97/17 the int8 tail
+DYN_SHAPES = [(1, 37, 128), (3, 5, 64), (7, 130, 256), (33, 19, 384), (2, 9, 640)]
+DYN_SHAPES += [(5, 8, 96), (1, 11, 160), (6, 7, 224), (2, 3, 97), (4, 6, 17)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,block", DYN_FORMATS)
+def test_quant_linear_act_quant_matches_reference(isa, fmt, block):
+    """avx512 runs the VNNI integer kernel; avx2/scalar the float kernel on rounded x."""
+    if not _isa_ok(isa):
+        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")
+    torch.manual_seed(3)
+    for m, n, k in DYN_SHAPES:
+        if (block is not None and k % block) or (block is None and k in (96, 224)):
+            continue
+        qw = quantize_weight(torch.randn(n, k), fmt, block)
+        x = torch.randn(m, k)
+        x[0, :5] = 0.0  # exact zeros and a zero row below must not break the scale
+        if m > 2:
+            x[2] = 0.0
+        bias = torch.randn(n)
+        expected = quant_linear(x, qw, bias, backend="torch", act_quant="int8")
+        with force_cpu_isa(isa):
+            got = quant_linear(x, qw, bias, backend="cpp", act_quant="int8")
+        # integer sums are exact: only the float scaling differs (fp32 rounding)
+        torch.testing.assert_close(got, expected, atol=2e-5 * k**0.5, rtol=2e-5, msg=f"{m, n, k}")
+        for dtype in (torch.bfloat16, torch.float16):
+            with force_cpu_isa(isa):
+                got_low = quant_linear(x.to(dtype), qw, bias, backend="cpp", act_quant="int8")
+            assert got_low.dtype == dtype
+            ref_low = quant_linear(x.to(dtype), qw, bias, backend="torch", act_quant="int8")
+            # bf16/fp16 outputs (and the reference re-rounding its rounded x to dtype)
+            torch.testing.assert_close(
+                got_low.float(), ref_low.float(), atol=3e-2 * k**0.5, rtol=2e-2
+            )
+
+
+def test_act_quant_is_native_here_and_close_to_float_path():
+    # this machine has AVX512-VNNI: the integer kernel is what the test above checked
+    assert torch.ops.minigpt.quant_dynamic_native()
+    torch.manual_seed(4)
+    qw = quantize_weight(torch.randn(256, 512), "int4", 64)
+    x = torch.randn(4, 512)
+    exact = quant_linear(x, qw)
+    dyn = quant_linear(x, qw, act_quant="int8")
+    rel = float((dyn - exact).norm() / exact.norm())
+    assert 0 < rel < 0.01, rel  # int8 activations: ~0.5 % relative error on Gaussian x
+
+
+def test_act_quant_bad_options_grad_and_compile():
+    qn = quantize_weight(torch.randn(8, 64), "nf4")
+    with pytest.raises(ValueError, match="nf4"):
+        quant_linear(torch.randn(2, 64), qn, act_quant="int8")
+    q8 = quantize_weight(torch.randn(8, 64), "int8")
+    with pytest.raises(ValueError, match="act_quant"):
+        quant_linear(torch.randn(2, 64), q8, act_quant="int4")
+    x = torch.randn(3, 64, requires_grad=True)
+    quant_linear(x, q8, act_quant="int8").sum().backward()
+    # straight-through: the gradient is that of the float weight
+    torch.testing.assert_close(x.grad, q8.dequantize().sum(0).expand(3, 64))
+
+    def f(x):
+        return torch.ops.minigpt.quant_linear_dynamic(x, q8.qweight, q8.scales, None, None, 0, 0)
+
+    x2 = torch.randn(3, 64)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x2), f(x2))

@@ -31,7 +31,9 @@ alignas(64) const float kNF4Codebook[16] = {
     -0.09104999f, 0.0f,         0.07958033f,  0.16093017f,  0.24611229f,  0.33791519f,
     0.4407098f,   0.56261697f,  0.72295673f,  1.0f};
 
-at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+}  // namespace
+
+at::Tensor quant_linear_float(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
                         int64_t fmt, int64_t block) {
   check_cpu_contiguous(x, "x");
@@ -97,11 +99,10 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at
   return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
 }
 
-}  // namespace
 }  // namespace minigpt::cpu
 
 TORCH_LIBRARY_FRAGMENT(minigpt, m) {
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int fmt, int block) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(minigpt, CPU, m) { m.impl("quant_linear", &minigpt::cpu::quant_linear); }
+TORCH_LIBRARY_IMPL(minigpt, CPU, m) { m.impl("quant_linear", &minigpt::cpu::quant_linear_float); }

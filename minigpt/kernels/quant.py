@@ -14,6 +14,13 @@ M = 1, small GEMMs up to M ~ 32). For large M (prefill) a dequantize-then-GEMM
 path is faster, because a float GEMM library reuses the weights from cache
 far better; :func:`quant_linear` switches at ``LARGE_M``.
 
+Dynamic activation quantization (``act_quant="int8"``) is an explicit option:
+each activation row is rounded to int8 with its own scale and the products run
+on integers (AVX512-VNNI ``vpdpbusd``: 64 multiply-adds per instruction), which
+takes the decode GEMV from compute-bound to memory-bound for int4. It changes
+the result slightly (the activations lose precision); the default float path
+is exact up to float32 summation order. NF4 has no integer path.
+
 Quantizing is an offline step done once per model, so ``quantize_*`` use the
 vectorized eager reference (already fast enough: a 4096x4096 matrix takes a
 fraction of a second).
@@ -34,6 +41,7 @@ from minigpt.kernels.reference.quant import (
     dequantize_int4_reference,
     dequantize_int8_reference,
     dequantize_nf4_reference,
+    fake_quantize_rows_reference,
     quant_linear_reference,
     quantize_int4_reference,
     quantize_int8_reference,
@@ -44,6 +52,7 @@ from minigpt.kernels.reference.quant import (
 register_op("quant_linear", ("cpp",))
 
 FORMATS = ("int8", "int4", "nf4")
+ACT_QUANT = (None, "int8")  # activation quantization options of quant_linear
 _FMT_CODE = {"int8": 0, "int4": 1, "nf4": 2}
 LARGE_M = 48  # rows above which dequantize + float GEMM beats the fused kernel
 
@@ -118,6 +127,7 @@ def quant_linear(
     bias: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    act_quant: str | None = None,
 ) -> torch.Tensor:
     """``y = x @ dequantize(weight)^T (+ bias)`` with a quantized weight.
 
@@ -127,6 +137,12 @@ def quant_linear(
         bias: optional (N,) float bias.
         backend: ``"torch"`` (dequantize + float32 matmul, the reference) or
             ``"cpp"`` (fused kernel reading packed weights once).
+        act_quant: ``None`` (default: float activations, exact) or ``"int8"``:
+            round each activation row to int8 first (one scale per row, see
+            :func:`~minigpt.kernels.reference.quant.fake_quantize_rows_reference`)
+            and multiply on integers (AVX512-VNNI when the CPU has it; elsewhere
+            the float kernel runs on the rounded activations, same result).
+            int8 and int4 weights only. Gradients pass straight through the rounding.
 
     Returns:
         (..., N) tensor of x's dtype, accumulated in float32.
@@ -141,24 +157,37 @@ def quant_linear(
         check_tensor(bias, "bias", ndim=1)
         if bias.shape[0] != n:
             raise ValueError(f"bias has {bias.shape[0]} elements, expected N={n}")
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
+    if act_quant is not None and weight.fmt == "nf4":
+        raise ValueError("act_quant='int8' needs int8 or int4 weights (nf4 has no integer path)")
     check_same_device(x=x, qweight=weight.qweight, bias=bias)
     chosen = select_backend("quant_linear", x.device, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if chosen == "torch":
-        y = quant_linear_reference(x2, weight.dequantize(), bias)
+        xr = x2 if act_quant is None else fake_quantize_rows_reference(x2).to(x2.dtype)
+        y = quant_linear_reference(xr, weight.dequantize(), bias)
+    elif act_quant is not None:
+        if torch.is_grad_enabled() and x2.requires_grad:
+            y = _QuantLinearFunction.apply(x2, weight, bias, True)
+        else:
+            y = _fused(x2, weight, bias, dynamic=True)
     elif x2.shape[0] > LARGE_M:
         # prefill: a float GEMM library reuses weights from cache far better
         y = F.linear(x2, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
     elif torch.is_grad_enabled() and x2.requires_grad:
-        y = _QuantLinearFunction.apply(x2, weight, bias)
+        y = _QuantLinearFunction.apply(x2, weight, bias, False)
     else:
         y = _fused(x2, weight, bias)
     return y.reshape(*lead, n)
 
 
-def _fused(x2: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.minigpt.quant_linear(
+def _fused(
+    x2: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, dynamic: bool = False
+) -> torch.Tensor:
+    op = torch.ops.minigpt.quant_linear_dynamic if dynamic else torch.ops.minigpt.quant_linear
+    return op(
         x2.contiguous(),
         weight.qweight,
         weight.scales,
@@ -177,17 +206,17 @@ class _QuantLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2, weight, bias):  # type: ignore[override]
+    def forward(ctx, x2, weight, bias, dynamic):  # type: ignore[override]
         ctx.weight = weight
         ctx.has_bias = bias is not None
-        return _fused(x2, weight, bias)
+        return _fused(x2, weight, bias, dynamic)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         w = ctx.weight.dequantize(torch.float32)
         dx = (dy.float() @ w).to(dy.dtype)
         db = dy.float().sum(0).to(dy.dtype) if ctx.has_bias else None
-        return dx, None, db
+        return dx, None, db, None
 
 
 def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -201,8 +230,13 @@ if cpp_available():
     def _quant_linear_fake(x, qweight, scales, zeros, bias, fmt, block):
         return x.new_empty(x.shape[0], qweight.shape[0])
 
+    @torch.library.register_fake("minigpt::quant_linear_dynamic")
+    def _quant_linear_dynamic_fake(x, qweight, scales, zeros, bias, fmt, block):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
 
 __all__ = [
+    "ACT_QUANT",
     "FORMATS",
     "NF4_CODEBOOK",
     "QuantizedWeight",

@@ -31,6 +31,9 @@ class QuantLinear(nn.Module):
         block: int4 group size or nf4 block size (ignored for int8).
         bias: whether the layer has a bias.
         dtype: dtype of the bias (activations may be any float dtype).
+        act_quant: ``None`` (float activations) or ``"int8"``: round each
+            activation row to int8 and multiply on integers (faster decode on
+            CPUs with AVX512-VNNI; see :func:`minigpt.kernels.quant.quant_linear`).
     """
 
     def __init__(
@@ -42,10 +45,16 @@ class QuantLinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        act_quant: str | None = None,
     ) -> None:
         super().__init__()
+        if act_quant not in (None, "int8") or (act_quant and fmt == "nf4"):
+            raise ValueError(
+                f"act_quant must be None or 'int8' (int8/int4 weights), got {act_quant!r}"
+            )
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.fmt = fmt
+        self.act_quant = act_quant
         self.block = 0 if fmt == "int8" else int(block)
         n, k = self.out_features, self.in_features
         # shapes and dtypes of every format's buffers (layouts: kernels/reference/quant.py)
@@ -66,12 +75,16 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str, block: int = 64) -> QuantLinear:
+    def from_linear(
+        cls, linear: nn.Linear, fmt: str, block: int = 64, act_quant: str | None = None
+    ) -> QuantLinear:
         """Quantize an ``nn.Linear`` (its weight is read, not modified)."""
         qw = quantize_weight(linear.weight.detach().float(), fmt, block)
         has_bias = linear.bias is not None
         dtype = linear.bias.dtype if has_bias else linear.weight.dtype
-        m = cls(linear.in_features, linear.out_features, fmt, block, has_bias, dtype, "meta")
+        m = cls(
+            linear.in_features, linear.out_features, fmt, block, has_bias, dtype, "meta", act_quant
+        )
         m.qweight, m.scales = qw.qweight, qw.scales
         m.zeros = qw.zeros
         m.bias = (
@@ -90,11 +103,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., K) -> (..., N) in x's dtype."""
-        return quant_linear(x, self.quantized_weight(), self.bias)
+        return quant_linear(x, self.quantized_weight(), self.bias, act_quant=self.act_quant)
 
     def extra_repr(self) -> str:
         block = f", block={self.block}" if self.block else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"fmt={self.fmt}{block}, bias={self.bias is not None}"
+            + (f", act_quant={self.act_quant}" if self.act_quant else "")
         )

@@ -222,6 +222,19 @@ def quant_linear_reference(
     return y.to(x.dtype)
 
 
+def fake_quantize_rows_reference(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic int8 activation quantization, as the kernels do it (one scale per row).
+
+    ``xs = max|x_row| / 127`` (1 for an all-zero row), ``xq = round(x / xs)``
+    (half to even) clamped to [-127, 127]; returns ``xq * xs`` in float32, the
+    activations that ``act_quant="int8"`` multiplies with the weight.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    xs = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(xf / xs).clamp(-127, 127) * xs
+
+
 def sqnr_db(original: torch.Tensor, approx: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: 10 log10(sum w^2 / sum (w - w~)^2)."""
     o = original.double()
