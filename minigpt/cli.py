@@ -22,6 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("minigpt.infer.chat", "talk to a model in the terminal (/help for commands)"),
     "export": ("minigpt.model.cli", "export a model as a Hugging Face Llama checkpoint"),
     "quantize": ("minigpt.quant.cli", "write an int8/int4/nf4 weight-only quantized model"),
+    "sft": ("minigpt.train.sft", "supervised chat fine-tuning (full or LoRA) of a model"),
+    "dpo": ("minigpt.train.dpo", "preference-tune a model with DPO (frozen reference)"),
+    "eval": ("minigpt.train.evaluate", "held-out task accuracy and text perplexity of models"),
+    "pipeline": ("minigpt.train.chat_pipeline", "demo: pretrain -> SFT -> DPO on CPU (~30 min)"),
 }
 
 
