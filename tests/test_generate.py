@@ -175,3 +175,56 @@ def test_beam_search_stop_tokens_and_early_stopping():
         assert all(t not in (0, 1) for t in out.tokens[:-1])
         if out.finish_reason == "stop":
             assert out.tokens[-1] in (0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_decode_step_matches_the_model(dtype):
+    from minigpt.infer import prefill
+    from minigpt.infer.fast_decode import DecodeStep, decoder_for
+
+    model = tiny_model().to(dtype)
+    rows = [[1, 2, 3, 4, 5], [7, 8]]  # different lengths: per-row positions
+    slow_cache, _ = prefill(model, rows, 16)
+    fast_cache, _ = prefill(model, rows, 16)
+    fast = decoder_for(model, fast_cache)
+    assert isinstance(fast, DecodeStep)
+    tokens = torch.tensor([11, 12])
+    for _ in range(4):
+        with torch.no_grad():
+            expected = model(tokens[:, None], kv_cache=slow_cache)[:, -1].float()
+        got = fast(tokens)
+        # same math; the GEMV sums in another order than torch.mm, and bf16 logits
+        # are not rounded to bf16 at the end (float_out), hence a bf16-sized tolerance
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+        assert torch.equal(fast_cache.seqlens, slow_cache.seqlens)
+        tokens = expected.argmax(-1)
+    # GPT-2-style models take the general path (model(...)), with the same interface
+    gpt2 = GPT(GPTConfig(vocab_size=40, n_layer=1, n_head=2, d_model=16, norm="layernorm"))
+    cache, _ = prefill(gpt2.eval(), [[1, 2]], 8)
+    step = decoder_for(gpt2, cache)
+    assert not isinstance(step, DecodeStep) and step(torch.tensor([3])).shape == (1, 40)
+
+
+def test_beam_search_stop_strings():
+    model = tiny_model(vocab=6, init_std=0.6)
+    tok = LetterTokenizer()
+    kw = dict(num_beams=3, max_new_tokens=8, tokenizer=tok)
+    # a one-letter stop string is the same as stopping on that letter's token
+    by_token = generate(model, [[1, 2]], stop_tokens=[2], **kw)[0]
+    by_string = generate(model, [[1, 2]], stop_strings=["c"], **kw)[0]
+    assert by_string.tokens == by_token.tokens and by_string.score == by_token.score
+    assert by_string.finish_reason == by_token.finish_reason == "stop"
+    assert by_string.text == tok.decode(by_string.tokens).split("c")[0]
+    # a stop string across tokens: the hypothesis ends where the string ends
+    # (length_penalty 0 scores by total log-prob, so the short stopped one wins)
+    free = generate(model, [[1, 2]], num_beams=3, max_new_tokens=8)[0].tokens
+    stop = tok.decode(free[2:4])
+    out = generate(model, [[1, 2]], stop_strings=[stop], length_penalty=0.0, **kw)[0]
+    assert out.tokens == free[:4]
+    text = tok.decode(out.tokens)
+    assert out.finish_reason == "stop" and text.endswith(stop)
+    assert stop not in tok.decode(out.tokens[:-1])  # it ended at the first occurrence
+    assert out.text == text[: text.index(stop)]
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, [[1, 2]], num_beams=2, stop_strings=["c"])

@@ -4,8 +4,9 @@ Greedy decoding commits to the best token at every step and can miss a
 sequence whose first token is slightly less likely but whose whole is more
 likely. Beam search keeps W candidates ("beams"). At each step every beam
 proposes its next tokens; of the W x V extensions the best by total
-log-probability survive. A beam that emits a stop token becomes a finished
-hypothesis, scored ``sum log p / length ** length_penalty`` (length_penalty > 0
+log-probability survive. A beam that emits a stop token, or whose text comes to
+contain a stop string, becomes a finished hypothesis (ending at that token),
+scored ``sum log p / length ** length_penalty`` (length_penalty > 0
 favours longer outputs, < 0 shorter). The W beams are one batch of the model,
 sharing a KV cache whose rows are reordered as beams are kept or duplicated.
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from minigpt.infer.generate import Generation, GenerationConfig, _finish, prefill
+from minigpt.infer.fast_decode import decoder_for
+from minigpt.infer.generate import Generation, GenerationConfig, _finish, _hits_stop_string, prefill
 
 
 @torch.no_grad()
@@ -25,8 +27,8 @@ def beam_search(
 
     ``config.num_beams`` beams; ``config.early_stopping`` stops as soon as that
     many hypotheses have finished, otherwise search goes on while a running beam
-    could still beat the worst finished one. Stop strings and sampling settings
-    are ignored; stop tokens end hypotheses.
+    could still beat the worst finished one. Stop tokens and stop strings (which
+    need ``tokenizer``) end hypotheses; sampling settings are ignored.
     """
     W = config.num_beams
     ctx = model.config.max_seq_len
@@ -40,8 +42,9 @@ def beam_search(
     beams: list[list[int]] = [[] for _ in range(W)]
     scores = torch.full((W,), float("-inf"), device=device)
     scores[0] = 0.0  # all beams are the same at first: expand only one
-    finished: list[tuple[float, list[int]]] = []
+    finished: list[tuple[float, list[int], bool]] = []  # (score, tokens, hit a stop)
     stop_tokens = set(config.stop_tokens)
+    decode = decoder_for(model, cache)
 
     def normalized(score: float, length: int) -> float:
         return score / max(length, 1) ** config.length_penalty
@@ -56,8 +59,9 @@ def beam_search(
             if score == float("-inf"):
                 break
             row, token = divmod(flat, V)
-            if token in stop_tokens:
-                finished.append((normalized(score, step + 1), beams[row] + [token]))
+            hypothesis = beams[row] + [token]
+            if token in stop_tokens or _hits_stop_string(hypothesis, config, tokenizer):
+                finished.append((normalized(score, step + 1), hypothesis, True))
             else:
                 keep_rows.append(row)
                 keep_tokens.append(token)
@@ -74,18 +78,14 @@ def beam_search(
         scores = torch.tensor(keep_scores, device=device)
         cache.reorder(torch.tensor(keep_rows))
         if step + 1 < steps:
-            tokens = torch.tensor(keep_tokens, device=device)[:, None]
-            logits = model(tokens, kv_cache=cache)[:, -1]
-    reason = "stop" if finished else "length"
+            logits = decode(torch.tensor(keep_tokens, device=device))
     if not finished or not config.early_stopping:  # running beams compete as well
         for beam, score in zip(beams, scores.tolist()):
             if score > float("-inf") and beam:
-                finished.append((normalized(score, len(beam)), beam))
-    best_score, best = max(finished, key=lambda f: f[0])
-    if best and best[-1] in stop_tokens:
-        reason = "stop"
-    elif len(best) >= steps:
-        reason = "length" if steps == config.max_new_tokens else "context"
+                finished.append((normalized(score, len(beam)), beam, False))
+    best_score, best, stopped = max(finished, key=lambda f: f[0])
+    # a running beam was cut by max_new_tokens, or by the context when that was less
+    reason = "stop" if stopped else "length" if steps == config.max_new_tokens else "context"
     result = _finish(best, reason, tokenizer, config)
     result.score = best_score
     return result
@@ -98,7 +98,7 @@ def _search_done(finished, running_scores, length, steps, config: GenerationConf
         return False
     if config.early_stopping:
         return True
-    worst_kept = sorted(s for s, _ in finished)[-W]
+    worst_kept = sorted(f[0] for f in finished)[-W]
     # log-probs only decrease, so a running beam's best future score is now's
     # (with length_penalty > 0, the most favourable length is the longest one)
     best = max(running_scores)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minigpt.infer.fast_decode import decoder_for
 from minigpt.infer.kv_cache import KVCache
 from minigpt.infer.sampling import _kernel_repetition_penalty, _kernel_sample
 
@@ -198,6 +199,7 @@ def generate(
         for i, r in enumerate(rows):
             history[i, : len(r)] = torch.tensor(r)
     sample, penalize = _kernel_sample(), _kernel_repetition_penalty()
+    decode = decoder_for(model, cache)
     stop_tokens = set(config.stop_tokens)
     while True:
         if history is not None:
@@ -219,7 +221,7 @@ def generate(
         if history is not None:
             history = torch.cat([history, next_ids[:, None]], dim=1)
         done = torch.tensor([r is not None for r in reasons], device=device)
-        logits = model(next_ids[:, None], kv_cache=cache)[:, -1].float()
+        logits = decode(next_ids)
         cache.seqlens -= done.long()  # finished rows stay put (their slot gets reused)
     return [_finish(o, r, tokenizer, config) for o, r in zip(out, reasons)]
 
@@ -227,13 +229,19 @@ def generate(
 def _stop_reason(tokens, token, budget, config, stop_tokens, tokenizer) -> str | None:
     if token in stop_tokens:
         return "stop"
-    if config.stop_strings:
-        tail = tokenizer.decode(tokens[-64:])  # a stop string ends within the last tokens
-        if any(s in tail for s in config.stop_strings):
-            return "stop"
+    if _hits_stop_string(tokens, config, tokenizer):
+        return "stop"
     if len(tokens) >= budget:
         return "length"
     return None
+
+
+def _hits_stop_string(tokens: list[int], config: GenerationConfig, tokenizer) -> bool:
+    """Whether the decoded end of ``tokens`` contains one of the stop strings."""
+    if not config.stop_strings:
+        return False
+    tail = tokenizer.decode(tokens[-64:])  # a new stop string ends within the last tokens
+    return any(s in tail for s in config.stop_strings)
 
 
 def _finish(tokens: list[int], reason: str, tokenizer, config: GenerationConfig) -> Generation:
