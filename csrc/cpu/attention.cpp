@@ -158,19 +158,28 @@ bool use_bf16_dot(at::ScalarType st) {
 bool attention_set_bf16_dot(bool enable) { return bf16_dot_enabled().exchange(enable); }
 
 // Key/value packings for the vdpbf16ps kernels (raw bf16 bits, no rounding):
-//   ktp [hkv][dp/2][ld][2]      keys pair-transposed: lane = key, pair = two head dims
-//   vpi [hkv][npairs][dp][2]    values pair-interleaved: lane = head dim, pair = two keys;
-//                               each sequence starts on a pair (pair_start), padding is 0
-void pack_keys_bf16(const at::Tensor& k, const AttnShape& sh, int64_t ld, uint16_t* ktp) {
-  const int64_t total = k.size(0), hkv = sh.hkv, d = sh.d, dp = sh.dp;
+//   ktp [hkv][panel][dp/2][64][2]  keys pair-transposed in panels of 64 keys (lane = key,
+//                                  pair = two head dims); sequence b owns panels
+//                                  panel_start[b] ..; padding is 0
+//   vpi [hkv][npairs][dp][2]       values pair-interleaved: lane = head dim, pair = two keys;
+//                                  each sequence starts on a pair (pair_start), padding is 0
+void pack_keys_bf16(const at::Tensor& k, const AttnShape& sh, const SeqTable& seqs,
+                    const std::vector<int64_t>& panel_start, int64_t panels, uint16_t* ktp) {
+  const int64_t hkv = sh.hkv, d = sh.d, dp = sh.dp;
   const BF16* src = ptr<const BF16>(k);
-  constexpr int64_t chunk = 256;  // tokens per task
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  at::parallel_for(0, hkv * chunks, 1, [&](int64_t b, int64_t e) {
+  std::vector<int64_t> first_key(size_t(panels), -1), n_keys(size_t(panels), 0);
+  for (int64_t b = 0; b < seqs.count(); ++b)
+    for (int64_t j0 = 0; j0 < seqs.k_len[b]; j0 += kAttnBlockK) {
+      const int64_t p = panel_start[b] + j0 / kAttnBlockK;
+      first_key[p] = seqs.k_start[b] + j0;
+      n_keys[p] = std::min<int64_t>(kAttnBlockK, seqs.k_len[b] - j0);
+    }
+  at::parallel_for(0, hkv * panels, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const int64_t h = t / chunks, j0 = (t % chunks) * chunk, n = std::min(chunk, total - j0);
-      // columns past `total` stay 0 from the zero-initialized buffer
-      avx512::pack_pairs_over_d(src + j0 * hkv * d + h * d, hkv * d, n, d, dp, ktp + h * dp * ld + 2 * j0, ld);
+      const int64_t h = t / panels, p = t % panels;
+      if (n_keys[p] == 0) continue;  // keys past the end of a panel stay 0 (zero-initialized)
+      avx512::pack_pairs_over_d(src + first_key[p] * hkv * d + h * d, hkv * d, n_keys[p], d, dp,
+                                ktp + (h * panels + p) * kAttnBlockK * dp, kAttnBlockK);
     }
   });
 }
@@ -191,18 +200,19 @@ void pack_values_bf16(const at::Tensor& v, const AttnShape& sh, const SeqTable& 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_bf16(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, const AttnShape& sh,
                                                       const SeqTable& seqs, at::Tensor out, at::Tensor lse) {
-  const int64_t total_k = k.size(0), dp = sh.dp, group = sh.hq / sh.hkv;
-  const int64_t ld = total_k + kAttnBlockK;
-  std::vector<uint16_t> ktp(size_t(sh.hkv * dp * ld));  // zero-initialized: padding is 0
-  std::vector<int64_t> pair_start(size_t(seqs.count()));
-  int64_t slots = 0;
+  const int64_t dp = sh.dp, group = sh.hq / sh.hkv;
+  std::vector<int64_t> pair_start(size_t(seqs.count())), panel_start(size_t(seqs.count()));
+  int64_t slots = 0, panels = 0;
   for (int64_t b = 0; b < seqs.count(); ++b) {
     pair_start[b] = slots;
     slots += (seqs.k_len[b] + 1) / 2 * 2;
+    panel_start[b] = panels;
+    panels += (seqs.k_len[b] + kAttnBlockK - 1) / kAttnBlockK;
   }
   const int64_t npairs = slots / 2 + 1;
+  std::vector<uint16_t> ktp(size_t(sh.hkv * (panels + 1) * kAttnBlockK * dp));  // zero-initialized: padding is 0
   std::vector<uint16_t> vpi(size_t(sh.hkv * npairs * dp * 2));
-  pack_keys_bf16(k, sh, ld, ktp.data());
+  pack_keys_bf16(k, sh, seqs, panel_start, panels + 1, ktp.data());
   pack_values_bf16(v, sh, seqs, pair_start, npairs, vpi.data());
   std::vector<int64_t> units;
   for (int64_t b = 0; b < seqs.count(); ++b)
@@ -221,8 +231,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_bf16(const at::Tensor& q, const
       const int64_t tok = seqs.q_start[b] + i0;
       avx512::attn_fwd_block_bf16(sh, qp + tok * qs + h * sh.d, qs, op + tok * qs + h * sh.d, qs,
                                   lp + tok * sh.hq + h, sh.hq, rows, i0, seqs.q_len[b],
-                                  ktp.data() + kvh * dp * ld + 2 * seqs.k_start[b],
-                                  ld, vpi.data() + (kvh * npairs + pair_start[b] / 2) * dp * 2,
+                                  ktp.data() + (kvh * (panels + 1) + panel_start[b]) * kAttnBlockK * dp,
+                                  vpi.data() + (kvh * npairs + pair_start[b] / 2) * dp * 2,
                                   seqs.k_len[b], work.data());
     }
   });

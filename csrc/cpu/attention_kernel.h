@@ -607,12 +607,12 @@ MG_BF16_TARGET inline void online_softmax_bf16(const float* S, int64_t rows, flo
 }
 
 // Forward of one (sequence, query head, query block) for bf16 inputs with AVX512_BF16.
-// ktp: this kv head's pair-transposed keys at the sequence's first key (2 * kt_ld
-// elements per d pair); vpi: pair-interleaved values at the sequence's first key
+// ktp: this kv head's pair-transposed keys at the sequence's first panel (panels of 64
+// keys, [dp/2][64][2] each, contiguous so a tile touches few pages); vpi: pair-interleaved values at the sequence's first key
 // (which starts a pair). work: floats as attn_fwd_block, plus bf16 Q and P tiles.
 MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int64_t q_stride, BF16* out,
                                         int64_t o_stride, float* lse, int64_t lse_stride, int64_t rows,
-                                        int64_t i0, int64_t q_len, const uint16_t* ktp, int64_t kt_ld,
+                                        int64_t i0, int64_t q_len, const uint16_t* ktp,
                                         const uint16_t* vpi, int64_t k_len, float* work) {
   const int64_t dp = sh.dp, d = sh.d;
   float* O = work;
@@ -634,10 +634,11 @@ MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int6
   int64_t lo_first, hi_first, lo_last, hi_last;
   attn_visible_keys(sh, i0 + shift, k_len, &lo_first, &hi_first);
   attn_visible_keys(sh, i0 + rows - 1 + shift, k_len, &lo_last, &hi_last);
-  const int64_t k_begin = lo_first & ~int64_t(1), k_end = hi_last;  // blocks start on a key pair
+  // blocks start on a panel (a window's first block may hold masked keys)
+  const int64_t k_begin = lo_first / kAttnBlockK * kAttnBlockK, k_end = hi_last;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kAttnBlockK) {
     const int64_t n = mg_min(kAttnBlockK, k_end - k0);
-    qk_block_bf16(Qb, dp, ktp + 2 * k0, 2 * kt_ld, dp, rows, S);
+    qk_block_bf16(Qb, dp, ktp + k0 * dp, 2 * kAttnBlockK, dp, rows, S);
     const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
     if (!full)
       for (int64_t i = 0; i < rows; ++i) {
@@ -727,7 +728,7 @@ MG_BF16_TARGET inline void pack_pairs_over_rows(const BF16* src, int64_t stride,
 
 // One key block against one query block of one query head (see the comment above).
 // Kr/Vr: key/value rows at the block's first key (lda elements apart, dp valid),
-// QTv/dOTv at the block's first query (2 * q_ld elements per d pair), Qpi/dOpi at the
+// QTv/dOTv: the query block's panel ([dp/2][64][2]), Qpi/dOpi at the
 // block's first query pair, L/delta at the first query, KT at the block's first key.
 struct BwdTileArgs {
   const uint16_t *Kr, *Vr, *QTv, *dOTv, *Qpi, *dOpi, *KT;
@@ -741,8 +742,8 @@ MG_BF16_TARGET inline void bwd_tile_bf16(const AttnShape& sh, const BwdTileArgs&
                                          float* dK, float* dV, float* ST, float* dPT, uint16_t* PTb,
                                          uint16_t* dSTb, uint16_t* dSv) {
   const int64_t dp = sh.dp;
-  qk_block_bf16(a.Kr, a.lda_k, a.QTv, 2 * a.q_ld, dp, n, ST);
-  qk_block_bf16(a.Vr, a.lda_v, a.dOTv, 2 * a.q_ld, dp, n, dPT);
+  qk_block_bf16(a.Kr, a.lda_k, a.QTv, 2 * kAttnBlockQ, dp, n, ST);
+  qk_block_bf16(a.Vr, a.lda_v, a.dOTv, 2 * kAttnBlockQ, dp, n, dPT);
   const Vec vscale = Vec::set1(sh.scale);
   for (int64_t j = 0; j < n; ++j) {
     float* s = ST + j * kAttnBlockQ;
@@ -803,7 +804,7 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
   float* ST = dV + kAttnBlockK * dp;          // [64][64]
   float* dPT = ST + kAttnBlockK * kAttnBlockQ;  // [64][64]
   float* rowbuf = dPT + kAttnBlockK * kAttnBlockQ;  // [16][dp]
-  uint16_t* QTv = reinterpret_cast<uint16_t*>(rowbuf + 16 * dp);  // [group][dp/2][q_ld][2]
+  uint16_t* QTv = reinterpret_cast<uint16_t*>(rowbuf + 16 * dp);  // [group][q_ld/64][dp/2][64][2]
   uint16_t* dOTv = QTv + group * dp * q_ld;
   uint16_t* Qpi = dOTv + group * dp * q_ld;  // [group][q_ld/2][dp][2]
   uint16_t* dOpi = Qpi + group * dp * q_ld;
@@ -816,11 +817,15 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
   float* orow = rowbuf;
   float* gorow = rowbuf + dp;
   for (int64_t g = 0; g < group; ++g) {
-    pack_pairs_over_d(q + g * d, q_stride, q_len, d, dp, QTv + g * dp * q_ld, q_ld);
-    pack_pairs_over_d(dout + g * d, q_stride, q_len, d, dp, dOTv + g * dp * q_ld, q_ld);
-    for (int64_t d2 = 0; d2 < dp / 2; ++d2)
-      for (int64_t i = 2 * q_len; i < 2 * q_ld; ++i)
-        QTv[g * dp * q_ld + d2 * 2 * q_ld + i] = dOTv[g * dp * q_ld + d2 * 2 * q_ld + i] = 0;
+    for (int64_t i0 = 0; i0 < q_ld; i0 += kAttnBlockQ) {  // panels of 64 queries, zero past q_len
+      uint16_t* qt = QTv + g * dp * q_ld + i0 * dp;
+      uint16_t* dot = dOTv + g * dp * q_ld + i0 * dp;
+      const int64_t m = mg_max(0, mg_min(kAttnBlockQ, q_len - i0));
+      pack_pairs_over_d(q + g * d + i0 * q_stride, q_stride, m, d, dp, qt, kAttnBlockQ);
+      pack_pairs_over_d(dout + g * d + i0 * q_stride, q_stride, m, d, dp, dot, kAttnBlockQ);
+      for (int64_t d2 = 0; d2 < dp / 2; ++d2)
+        for (int64_t i = 2 * m; i < 2 * kAttnBlockQ; ++i) qt[d2 * 2 * kAttnBlockQ + i] = dot[d2 * 2 * kAttnBlockQ + i] = 0;
+    }
     pack_pairs_over_rows(q + g * d, q_stride, q_len, d, dp, Qpi + g * dp * q_ld, q_ld / 2);
     pack_pairs_over_rows(dout + g * d, q_stride, q_len, d, dp, dOpi + g * dp * q_ld, q_ld / 2);
     for (int64_t i = 0; i < q_len; ++i) {
@@ -873,7 +878,7 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
       for (int64_t g = 0; g < group; ++g) {
         BwdTileArgs a;
         a.Kr = Kr + k0 * lda, a.Vr = Vr + k0 * lda, a.lda_k = a.lda_v = lda;
-        a.QTv = QTv + g * dp * q_ld + 2 * i0, a.dOTv = dOTv + g * dp * q_ld + 2 * i0;
+        a.QTv = QTv + g * dp * q_ld + i0 * dp, a.dOTv = dOTv + g * dp * q_ld + i0 * dp;
         a.Qpi = Qpi + g * dp * q_ld + i0 * dp, a.dOpi = dOpi + g * dp * q_ld + i0 * dp;
         a.KT = KT + k0, a.q_ld = q_ld, a.k_ld = k_ld;
         a.L = L + g * q_ld + i0, a.delta = delta + g * q_ld + i0;
