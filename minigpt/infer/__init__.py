@@ -9,8 +9,10 @@ from minigpt.infer.beam import beam_search
 from minigpt.infer.generate import Generation, GenerationConfig, generate, prefill
 from minigpt.infer.kv_cache import KVCache
 from minigpt.infer.sampling import filter_logits, repetition_penalty, sample
+from minigpt.infer.session import ChatSession
 
 __all__ = [
+    "ChatSession",
     "Generation",
     "GenerationConfig",
     "KVCache",

@@ -6,8 +6,10 @@ sampling setting (``/temperature 0.7``, ``/top_k 40``, ``/top_p 0.9``,
 ``/seed 1``), set the system prompt (``/system You are terse.``), show the
 settings (``/settings``), forget the conversation (``/reset``) or leave (``/quit``).
 
-The conversation is rendered with the tokenizer's chat template each turn; when
-it outgrows the model's context, the oldest tokens are dropped.
+The conversation is rendered with the tokenizer's chat template each turn; the
+KV cache is kept between turns (:class:`~minigpt.infer.session.ChatSession`), so
+only the new message is run through the model. When the conversation outgrows
+the model's context, the oldest tokens are dropped (and the cache rebuilt).
 """
 
 from __future__ import annotations
@@ -80,8 +82,8 @@ def handle_command(
 
 def run(args: argparse.Namespace) -> int:
     """The read-eval-print loop."""
-    from minigpt.infer.generate import generate
     from minigpt.infer.loading import load_for_inference, stop_ids
+    from minigpt.infer.session import ChatSession
 
     try:
         model, tok = load_for_inference(args.model, args.tokenizer, args.dtype)
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = config_from_args(args, stop_tokens=stop_ids(tok), truncate="left")
     state = {"messages": [], "system": args.system}
+    session = ChatSession(model)
     print(f"chatting with {args.model} ({model.num_parameters() / 1e6:.2f}M parameters). /help")
     while True:
         try:
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         print("bot> ", end="", flush=True)
         streamer = TextStreamer(tok, config.stop_tokens)
         try:
-            out = generate(model, [ids], config, tokenizer=tok, stream=streamer)[0]
+            out = session.generate(ids, config, tokenizer=tok, stream=streamer)
         except KeyboardInterrupt:  # stop this reply, keep chatting
             print(" [interrupted]")
             state["messages"].pop()

@@ -181,13 +181,34 @@ def generate(
         return results
     ctx = model.config.max_seq_len
     rows = prepare_prompts(prompts, ctx, config.truncate)
-    B = len(rows)
     budget = [min(config.max_new_tokens, ctx - len(r)) for r in rows]  # tokens row may add
+    if config.max_new_tokens == 0:
+        return [_finish([], "length", tokenizer, config) for _ in rows]
+    cache, logits = prefill(model, rows, max(len(r) + b for r, b in zip(rows, budget)))
+    return decode_loop(model, cache, logits, rows, budget, config, tokenizer, stream)
+
+
+@torch.no_grad()
+def decode_loop(
+    model: torch.nn.Module,
+    cache: KVCache,
+    logits: torch.Tensor,
+    rows: list[list[int]],
+    budget: list[int],
+    config: GenerationConfig,
+    tokenizer=None,
+    stream: StreamCallback | None = None,
+) -> list[Generation]:
+    """The decode half of :func:`generate`, after the prompts are in ``cache``.
+
+    ``logits`` (B, V) are the next-token logits of each row's last prompt token,
+    ``rows`` the prompts (for the repetition penalty), ``budget[b]`` the most
+    tokens row b may add. On return the cache holds every row's prompt and its
+    new tokens except the last one (which was never fed back to the model).
+    """
+    B = len(rows)
     out: list[list[int]] = [[] for _ in rows]
     reasons: list[str | None] = [None] * B
-    if config.max_new_tokens == 0:
-        return [_finish(o, "length", tokenizer, config) for o in out]
-    cache, logits = prefill(model, rows, max(len(r) + b for r, b in zip(rows, budget)))
     device = logits.device
     generator = None
     if config.seed is not None:
