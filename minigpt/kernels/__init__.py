@@ -22,6 +22,7 @@ from minigpt.kernels._backend import (
 )
 from minigpt.kernels.attention import attention, attention_varlen, attention_with_kv_cache
 from minigpt.kernels.linear_cross_entropy import linear_cross_entropy
+from minigpt.kernels.moe import grouped_mm, moe_expert_mlp, moe_permute, moe_unpermute
 from minigpt.kernels.quant import QuantizedWeight, quant_linear, quantize_weight
 from minigpt.kernels.rms_norm import add_rms_norm, rms_norm
 from minigpt.kernels.rope import rope, rope_cos_sin, rope_with_positions
@@ -39,6 +40,10 @@ __all__ = [
     "force_cpu_isa",
     "info",
     "linear_cross_entropy",
+    "grouped_mm",
+    "moe_expert_mlp",
+    "moe_permute",
+    "moe_unpermute",
     "QuantizedWeight",
     "quant_linear",
     "quantize_weight",

@@ -12,11 +12,81 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+_MOE_ROUTINGS = ("topk", "switch", "expert_choice")
+_MOE_GATES = ("softmax", "sigmoid")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts options of a :class:`GPTConfig` (``moe=None``: dense MLPs).
+
+    The chosen layers replace their MLP by :class:`minigpt.nn.moe.MoEMLP`: a
+    router and ``n_experts`` SwiGLU experts of width ``ffn_hidden``, each token
+    running through ``k`` of them. See docs/moe.md.
+    """
+
+    n_experts: int = 8
+    k: int = 2  # experts per token (expert_choice: average experts per token)
+    routing: str = "topk"  # "topk" | "switch" (top-1 + capacity) | "expert_choice"
+    gate: str = "softmax"  # "softmax" | "sigmoid" router scores
+    renormalize: bool = True  # divide a token's k weights by their sum (k > 1 only)
+    capacity_factor: float | None = None  # None: no dropping (switch: 1.25, EC: 1.0)
+    layers: list[int] | None = None  # which layers are MoE (None: every layer)
+    ffn_hidden: int | None = None  # each expert's width (None: the model's ffn_hidden)
+    shared_expert_hidden: int = 0  # an always-on shared SwiGLU expert (0: none)
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    z_loss_coef: float = 0.001  # router z-loss weight
+
+    def validate(self, n_layer: int) -> None:
+        """Raise ``ValueError`` naming the first bad MoE option."""
+        for name in ("n_experts", "k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"moe.{name} must be a positive int, got {v!r}")
+        if self.k > self.n_experts:
+            raise ValueError(f"moe.k ({self.k}) must be <= moe.n_experts ({self.n_experts})")
+        if self.routing not in _MOE_ROUTINGS:
+            raise ValueError(f"moe.routing must be one of {_MOE_ROUTINGS}, got {self.routing!r}")
+        if self.gate not in _MOE_GATES:
+            raise ValueError(f"moe.gate must be one of {_MOE_GATES}, got {self.gate!r}")
+        if self.routing == "switch" and self.k != 1:
+            raise ValueError(f"moe.routing='switch' is top-1: set moe.k=1 (got {self.k})")
+        if self.routing == "expert_choice" and self.gate != "softmax":
+            raise ValueError("moe.routing='expert_choice' uses softmax scores (moe.gate='softmax')")
+        cf = self.capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, int | float) or cf <= 0):
+            raise ValueError(f"moe.capacity_factor must be a number > 0 or null, got {cf!r}")
+        if self.layers is not None and (
+            not isinstance(self.layers, list | tuple)
+            or not all(isinstance(i, int) and 0 <= i < n_layer for i in self.layers)
+        ):
+            raise ValueError(
+                f"moe.layers must list layer indices in [0, {n_layer}), got {self.layers!r}"
+            )
+        if self.ffn_hidden is not None and (
+            not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0
+        ):
+            raise ValueError(f"moe.ffn_hidden must be a positive int, got {self.ffn_hidden!r}")
+        if not isinstance(self.shared_expert_hidden, int) or self.shared_expert_hidden < 0:
+            raise ValueError(
+                f"moe.shared_expert_hidden must be an int >= 0, got {self.shared_expert_hidden!r}"
+            )
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+                raise ValueError(f"moe.{name} must be a finite number >= 0, got {v!r}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """True when layer ``layer`` uses the MoE MLP."""
+        return self.layers is None or layer in self.layers
+
 
 _CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
@@ -58,7 +128,7 @@ class GPTConfig:
     bias: bool = False
     gradient_checkpointing: bool = False
     init_std: float = 0.02
-    moe: dict[str, Any] | None = None  # placeholder for the mixture-of-experts options
+    moe: MoEConfig | None = None  # mixture-of-experts MLPs (a dict is converted)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. source)
 
     def __post_init__(self) -> None:
@@ -71,6 +141,12 @@ class GPTConfig:
                     "unless head_dim is given"
                 )
             self.head_dim = self.d_model // self.n_head
+        if isinstance(self.moe, dict):
+            known = {f.name for f in dataclasses.fields(MoEConfig)}
+            unknown = sorted(set(self.moe) - known)
+            if unknown:
+                raise ValueError(f"unknown moe option(s) {unknown}; valid are {sorted(known)}")
+            self.moe = MoEConfig(**self.moe)
         if self.ffn_hidden is None:
             if self.mlp == "swiglu":  # keeps the MLP's parameter count near 8 d^2
                 self.ffn_hidden = _round_up(int(8 * self.d_model / 3), 64)
@@ -101,6 +177,12 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ValueError("norm_eps, rope_theta and init_std must be positive")
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise ValueError(f"moe must be a MoEConfig, a dict or None, got {self.moe!r}")
+            if self.mlp != "swiglu":
+                raise ValueError("moe needs mlp='swiglu' (the experts are SwiGLU MLPs)")
+            self.moe.validate(self.n_layer)
 
     # ---- serialization -------------------------------------------------------------
 

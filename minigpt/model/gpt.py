@@ -26,6 +26,7 @@ from minigpt.kernels import linear_cross_entropy, rope_cos_sin, swiglu
 from minigpt.model.config import GPTConfig
 from minigpt.nn import RMSNorm
 from minigpt.nn.attention import CausalSelfAttention
+from minigpt.nn.moe import MoEMLP, moe_aux_loss
 
 
 class LayerNorm(nn.LayerNorm):
@@ -67,10 +68,30 @@ class MLP(nn.Module):
         return self.dropout(self.down_proj(u))
 
 
+def make_mlp(config: GPTConfig, layer: int) -> nn.Module:
+    """The dense MLP, or a mixture of experts on the layers ``config.moe`` selects."""
+    moe = config.moe
+    if moe is None or not moe.is_moe_layer(layer):
+        return MLP(config)
+    return MoEMLP(
+        config.d_model,
+        moe.ffn_hidden or config.ffn_hidden,
+        moe.n_experts,
+        moe.k,
+        routing=moe.routing,
+        gate=moe.gate,
+        renormalize=moe.renormalize and moe.k > 1 and moe.routing == "topk",
+        capacity_factor=moe.capacity_factor,
+        shared_expert_hidden=moe.shared_expert_hidden,
+        aux_loss_coef=moe.aux_loss_coef,
+        z_loss_coef=moe.z_loss_coef,
+    )
+
+
 class Block(nn.Module):
     """One transformer layer: attention then MLP, each behind a pre-norm."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = CausalSelfAttention(
@@ -82,7 +103,7 @@ class Block(nn.Module):
             dropout=config.dropout,
         )
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = make_mlp(config, layer)
 
     def forward(self, h, delta, rope=None, cache=None):
         """Add the previous layer's pending output ``delta`` to ``h``, run this layer.
@@ -115,7 +136,7 @@ class GPT(nn.Module):
             nn.Embedding(config.max_seq_len, config.d_model) if config.pos == "learned" else None
         )
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -241,4 +262,6 @@ class GPT(nn.Module):
         if torch.is_autocast_enabled(flat_x.device.type):  # what F.linear would do
             low = torch.get_autocast_dtype(flat_x.device.type)
             flat_x, weight = flat_x.to(low), weight.to(low)
-        return linear_cross_entropy(flat_x, weight, flat_t, ignore_index=-100)
+        loss = linear_cross_entropy(flat_x, weight, flat_t, ignore_index=-100)
+        aux = moe_aux_loss(self) if self.training and self.config.moe is not None else None
+        return loss if aux is None else loss + aux  # MoE load-balancing + z-loss

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from minigpt.nn.moe import moe_diagnostics
 from minigpt.train.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from minigpt.train.runlog import RunLogger
 from minigpt.train.schedule import step_progress, warmup_cosine_lr
@@ -367,6 +368,7 @@ class StepResult:
     grad_norm: float
     tokens: int
     seconds: float
+    extra: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. MoE router stats
 
 
 class Trainer:
@@ -529,6 +531,7 @@ class Trainer:
             grad_norm=float(grad_norm),
             tokens=tokens,
             seconds=time.perf_counter() - t0,
+            extra=moe_diagnostics(self.model),  # empty unless the model has MoE layers
         )
 
     # ---- evaluation --------------------------------------------------------------------
@@ -727,6 +730,7 @@ class Trainer:
                     grad_norm=result.grad_norm,
                     tokens=self.tokens_seen,
                     tokens_per_s=round(tokens_per_s, 1),
+                    **result.extra,
                 )
             if self.done():
                 break

@@ -13,6 +13,17 @@ from minigpt.kernels.reference.attention import (
     attention_with_kv_cache_reference,
 )
 from minigpt.kernels.reference.cross_entropy import linear_cross_entropy_reference
+from minigpt.kernels.reference.moe import (
+    expert_choice_routing_reference,
+    grouped_mm_reference,
+    load_balancing_loss_reference,
+    moe_mlp_loop_over_experts,
+    moe_mlp_reference,
+    moe_permute_reference,
+    moe_unpermute_reference,
+    router_z_loss_reference,
+    topk_routing_reference,
+)
 from minigpt.kernels.reference.norm import add_rms_norm_reference, rms_norm_reference
 from minigpt.kernels.reference.rope import rope_cos_sin, rope_reference, rotate_half
 from minigpt.kernels.reference.swiglu import swiglu_reference
@@ -24,4 +35,15 @@ __all__ += [
     "attention_reference",
     "attention_varlen_reference",
     "attention_with_kv_cache_reference",
+]
+__all__ += [
+    "expert_choice_routing_reference",
+    "grouped_mm_reference",
+    "load_balancing_loss_reference",
+    "moe_mlp_loop_over_experts",
+    "moe_mlp_reference",
+    "moe_permute_reference",
+    "moe_unpermute_reference",
+    "router_z_loss_reference",
+    "topk_routing_reference",
 ]

@@ -1,0 +1,314 @@
+"""Mixture-of-experts ops: routing, permute/unpermute, grouped GEMM and the fused expert
+MLP, every backend against the naive per-token loops of minigpt.kernels.reference.moe."""
+
+import pytest
+import torch
+from kernel_testing import DTYPES, assert_error_no_worse, check_op, random_tensor
+
+from minigpt.kernels import force_cpu_isa
+from minigpt.kernels import moe as M
+from minigpt.kernels.reference import moe as R
+
+ISAS = ("avx512", "avx2", "scalar")
+
+
+def _isa_ok(isa: str) -> bool:
+    order = {"scalar": 0, "avx2": 1, "avx512": 2}
+    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
+
+
+def uneven_ids(n: int, n_experts: int, k: int, *, empty=(1,), drop_every: int = 5) -> torch.Tensor:
+    """(n, k) expert ids with skewed group sizes, some experts never used and some
+    assignments dropped (-1); each token's ids are distinct."""
+    gen = torch.Generator().manual_seed(n * 31 + n_experts * 7 + k)
+    usable = [e for e in range(n_experts) if e not in empty]
+    # skewed: low expert ids are much more popular
+    probs = torch.tensor([1.0 / (1 + i) for i in range(len(usable))])
+    ids = torch.empty(n, k, dtype=torch.long)
+    for t in range(n):
+        pick = torch.multinomial(probs, k, replacement=False, generator=gen)
+        ids[t] = torch.tensor(usable)[pick]
+    ids.view(-1)[::drop_every] = -1
+    return ids
+
+
+def expert_weights(n_experts, d, f, dtype, scale=0.3):
+    return (
+        random_tensor((n_experts, 2 * f, d), dtype, scale=scale),
+        random_tensor((n_experts, d, f), dtype, scale=scale),
+    )
+
+
+# ---- routing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_topk_routing_matches_reference(k, gate, renormalize):
+    logits = random_tensor((29, 8), scale=2.0)
+    check_op(
+        lambda logits: M.moe_topk_routing(logits, k, gate=gate, renormalize=renormalize)[1],
+        lambda logits: R.topk_routing_reference(logits, k, gate, renormalize)[1],
+        {"logits": logits},
+        grads=("logits",),
+    )
+    ids, _ = M.moe_topk_routing(logits, k, gate=gate, renormalize=renormalize)
+    assert torch.equal(ids, R.topk_routing_reference(logits, k, gate, renormalize)[0])
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("capacity", [0, 1, 3, 7, 100])
+def test_capacity_dropping_matches_reference_exactly(k, capacity):
+    # skewed logits: a few experts are everyone's favourite, so they overflow
+    logits = random_tensor((41, 8)) + torch.tensor([3.0, 2.0, 1.0, 0, 0, 0, 0, 0])
+    ids, _ = M.moe_topk_routing(logits, k)
+    dropped = M.moe_drop_over_capacity(ids, 8, capacity)
+    ref_ids, _ = R.topk_routing_reference(logits, k, capacity=capacity)
+    assert torch.equal(dropped, ref_ids)
+    kept = torch.bincount(dropped[dropped >= 0], minlength=8)
+    assert int(kept.max()) <= capacity
+
+
+def test_switch_capacity_formula():
+    assert R.expert_capacity(4096, 64, 1, 1.25) == 80
+    assert M.expert_capacity(10, 8, 2, 1.0) == 3  # ceil(2.5)
+
+
+@pytest.mark.parametrize("capacity", [1, 4, 13, 50])
+def test_expert_choice_matches_reference(capacity):
+    logits = random_tensor((23, 6), scale=2.0)
+    ids, w = M.moe_expert_choice_routing(logits, capacity)
+    ref_ids, ref_w = R.expert_choice_routing_reference(logits, capacity)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w)
+    assert ((ids >= 0).sum(0) == min(capacity, 23)).all()  # every expert is full
+
+
+@pytest.mark.parametrize("gate", ["softmax", "sigmoid"])
+def test_aux_losses_match_their_formulas(gate):
+    logits = random_tensor((37, 8), scale=2.0, requires_grad=True)
+    ids, _ = M.moe_topk_routing(logits, 2, gate=gate)
+    probs = M.router_probs(logits, gate)
+    ref_probs = R.router_probs_reference(logits, gate)
+    torch.testing.assert_close(probs, ref_probs)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(37))
+    lb = M.load_balancing_loss(probs, ids, 8)
+    ref_lb = R.load_balancing_loss_reference(ref_probs, ids, 8)
+    torch.testing.assert_close(lb, ref_lb)
+    (g,) = torch.autograd.grad(lb, logits)
+    (gr,) = torch.autograd.grad(ref_lb, logits)
+    torch.testing.assert_close(g, gr)
+    z = M.router_z_loss(logits)
+    torch.testing.assert_close(z, R.router_z_loss_reference(logits))
+    torch.testing.assert_close(z, (torch.logsumexp(logits, -1) ** 2).mean())
+
+
+def test_load_balancing_loss_is_one_when_uniform():
+    n, e = 64, 8
+    probs = torch.full((n, e), 1.0 / e)
+    ids = torch.arange(n * 2).view(n, 2) % e
+    torch.testing.assert_close(M.load_balancing_loss(probs, ids, e), torch.tensor(1.0))
+    # all tokens on expert 0 with certainty: E * 1 * 1
+    probs = torch.zeros(n, e)
+    probs[:, 0] = 1
+    assert float(M.load_balancing_loss(probs, torch.zeros(n, 1, dtype=torch.long), e)) == e
+
+
+# ---- data movement and grouped GEMM ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_permute_unpermute_cpp(dtype, isa):
+    if not _isa_ok(isa):
+        pytest.fail(f"CPU lacks {isa}")
+    n, d, e, k = 53, 37, 7, 3
+    ids = uneven_ids(n, e, k, empty=(2, 5))
+    x = random_tensor((n, d), dtype)
+    with force_cpu_isa(isa):
+        xp, off, slot = M.moe_permute(x, ids, e, backend="cpp")
+        rxp, roff, rslot = R.moe_permute_reference(x, ids, e)
+        assert torch.equal(xp, rxp) and torch.equal(off, roff) and torch.equal(slot, rslot)
+        assert off[3] == off[2] and off[6] == off[5]  # empty groups
+        check_op(
+            lambda x: M.moe_permute(x, ids, e, backend="cpp")[0],
+            lambda x: R.moe_permute_reference(x, ids, e)[0],
+            {"x": x},
+            grads=("x",),
+        )
+        y_perm = random_tensor((xp.shape[0], d), dtype)
+        w = torch.rand(n, k)
+        check_op(
+            lambda y_perm, weights: M.moe_unpermute(y_perm, slot, weights, backend="cpp"),
+            lambda y_perm, weights: R.moe_unpermute_reference(y_perm, slot, weights),
+            {"y_perm": y_perm, "weights": w},
+            grads=("y_perm", "weights"),
+            dtype=dtype,
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sizes", [[5, 0, 17, 1, 0], [0, 0, 3], [64, 64]])
+def test_grouped_mm_cpp(dtype, sizes):
+    kdim, nout = 33, 20
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    x = random_tensor((sum(sizes), kdim), dtype, scale=0.3)
+    w = random_tensor((len(sizes), nout, kdim), dtype, scale=0.3)
+    check_op(
+        lambda x, w: M.grouped_mm(x, w, offsets, backend="cpp"),
+        lambda x, w: R.grouped_mm_reference(x, w, offsets),
+        {"x": x, "w": w},
+        grads=("x", "w"),
+        grad_tol_scale=4.0,  # dw sums up to 64 products of low-precision values
+    )
+    if 0 in sizes and dtype == torch.float32:  # an empty group's weight gradient is zero
+        w2 = w.clone().requires_grad_()
+        M.grouped_mm(x, w2, offsets, backend="cpp").sum().backward()
+        assert (w2.grad[sizes.index(0)] == 0).all()
+
+
+# ---- the fused expert MLP --------------------------------------------------------------------
+
+
+def _mlp_and_grads(fn, inputs, dy):
+    leaves = {
+        k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()
+    }
+    y = fn(**leaves)
+    names = [k for k, v in leaves.items() if v.requires_grad]
+    grads = torch.autograd.grad(y, [leaves[k] for k in names], dy.to(y.dtype))
+    return y, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_expert_mlp_cpp_matches_per_token_reference(dtype, isa, k):
+    if not _isa_ok(isa):
+        pytest.fail(f"CPU lacks {isa}")
+    n, d, f, e = 31, 24, 40, 6
+    ids = uneven_ids(n, e, k, empty=(4,))
+    wgu, wd = expert_weights(e, d, f, dtype)
+    inputs = {
+        "x": random_tensor((n, d), dtype),
+        "expert_ids": ids,
+        "weights": torch.rand(n, k),
+        "w_gate_up": wgu,
+        "w_down": wd,
+    }
+    with force_cpu_isa(isa):
+        if dtype == torch.float32:
+            check_op(
+                lambda **kw: M.moe_expert_mlp(**kw, backend="cpp"),
+                R.moe_mlp_reference,
+                inputs,
+                grads=("x", "weights", "w_gate_up", "w_down"),
+            )
+            return
+        # low precision: three GEMMs in a chain, each rounding its output, so compare
+        # errors vs the float32 spec with those of the eager loop in the same dtype
+        dy = random_tensor((n, d))
+        ours, g_ours = _mlp_and_grads(
+            lambda **kw: M.moe_expert_mlp(**kw, backend="cpp"), inputs, dy
+        )
+    eager, g_eager = _mlp_and_grads(R.moe_mlp_loop_over_experts, inputs, dy)
+    f32 = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    ref, g_ref = _mlp_and_grads(R.moe_mlp_reference, f32, dy)
+    assert ours.dtype == dtype
+    assert_error_no_worse(ours, eager, ref, name="y", floor=1e-3)
+    for name in g_ref:
+        assert g_ours[name].dtype == inputs[name].dtype
+        assert_error_no_worse(g_ours[name], g_eager[name], g_ref[name], name=name, floor=1e-3)
+
+
+def test_expert_mlp_torch_backend_matches_reference():
+    n, d, f, e, k = 19, 16, 24, 5, 2
+    ids = uneven_ids(n, e, k, empty=(0, 3))
+    wgu, wd = expert_weights(e, d, f, torch.float32)
+    check_op(
+        lambda **kw: M.moe_expert_mlp(**kw, backend="torch"),
+        R.moe_mlp_reference,
+        {"x": random_tensor((n, d)), "expert_ids": ids, "weights": torch.rand(n, k)}
+        | {"w_gate_up": wgu, "w_down": wd},
+        grads=("x", "weights", "w_gate_up", "w_down"),
+    )
+
+
+def test_expert_mlp_all_dropped_gives_zeros():
+    x = random_tensor((6, 8), requires_grad=True)
+    wgu, wd = expert_weights(3, 8, 4, torch.float32)
+    ids = torch.full((6, 2), -1)
+    y = M.moe_expert_mlp(x, ids, torch.rand(6, 2), wgu, wd)
+    assert torch.equal(y, torch.zeros(6, 8))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(6, 8))
+
+
+def test_expert_mlp_bigger_shape_threads():
+    # enough rows that every op splits across threads
+    n, d, f, e, k = 700, 64, 96, 8, 2
+    ids, w = M.moe_topk_routing(random_tensor((n, e)), k)
+    wgu, wd = expert_weights(e, d, f, torch.float32, scale=0.1)
+    x = random_tensor((n, d))
+    y = M.moe_expert_mlp(x, ids, w, wgu, wd, backend="cpp")
+    torch.testing.assert_close(
+        y, R.moe_mlp_loop_over_experts(x, ids, w, wgu, wd), atol=2e-5, rtol=2e-5
+    )
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+
+
+def _good():
+    wgu, wd = expert_weights(4, 8, 6, torch.float32)
+    return {
+        "x": random_tensor((5, 8)),
+        "expert_ids": torch.zeros(5, 2, dtype=torch.long),
+        "weights": torch.rand(5, 2),
+        "w_gate_up": wgu,
+        "w_down": wd,
+    }
+
+
+@pytest.mark.parametrize(
+    "change, err, match",
+    [
+        ({"x": torch.randn(5, 8, 1)}, ValueError, "x must be 2-D"),
+        ({"x": torch.randn(5, 8).double()}, TypeError, "x must have dtype"),
+        ({"expert_ids": torch.full((5, 2), 4)}, ValueError, "expert_ids must be in"),
+        ({"expert_ids": torch.full((5, 2), -2)}, ValueError, "expert_ids must be in"),
+        ({"expert_ids": torch.zeros(5, 2)}, TypeError, "expert_ids must have dtype"),
+        ({"expert_ids": torch.zeros(4, 2, dtype=torch.long)}, ValueError, "rows"),
+        ({"weights": torch.rand(5, 3)}, ValueError, "weights shape"),
+        ({"w_gate_up": torch.randn(4, 12, 8).half()}, TypeError, "w_gate_up dtype"),
+        ({"w_gate_up": torch.randn(4, 11, 8)}, ValueError, "even"),
+        ({"w_down": torch.randn(4, 8, 5)}, ValueError, "w_down must be"),
+        ({"w_gate_up": [1.0]}, TypeError, "w_gate_up must be a torch.Tensor"),
+    ],
+)
+def test_expert_mlp_bad_input(change, err, match):
+    with pytest.raises(err, match=match):
+        M.moe_expert_mlp(**(_good() | change))
+
+
+def test_other_ops_bad_input():
+    x = random_tensor((4, 8))
+    with pytest.raises(ValueError, match="n_experts"):
+        M.moe_permute(x, torch.zeros(4, 1, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="slot_of must be in"):
+        M.moe_unpermute(x, torch.full((4, 1), 9), torch.rand(4, 1))
+    with pytest.raises(ValueError, match="offsets"):
+        M.grouped_mm(x, torch.randn(2, 3, 8), torch.tensor([0, 3, 2]))
+    with pytest.raises(ValueError, match="offsets"):
+        M.grouped_mm(x, torch.randn(2, 3, 8), torch.tensor([0, 1, 2, 4]))
+    with pytest.raises(ValueError, match="columns"):
+        M.grouped_mm(x, torch.randn(2, 3, 7), torch.tensor([0, 1, 4]))
+    with pytest.raises(ValueError, match="k must be"):
+        M.moe_topk_routing(torch.randn(4, 3), 4)
+    with pytest.raises(ValueError, match="gate must be"):
+        M.moe_topk_routing(torch.randn(4, 3), 1, gate="relu")
+    with pytest.raises(ValueError, match="capacity"):
+        M.moe_drop_over_capacity(torch.zeros(4, 1, dtype=torch.long), 3, -1)
+    with pytest.raises(ValueError, match="capacity"):
+        M.moe_expert_choice_routing(torch.randn(4, 3), 0)
