@@ -471,49 +471,68 @@ void attn_decode_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int6
 #define MG_BF16_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,bmi2")))
 
-template <int MR>
+template <int MR, int NV>
 MG_BF16_TARGET inline void qk_tile_bf16(const uint16_t* A, int64_t lda, const uint16_t* Bp,
                                         int64_t ldbp, int64_t dp, float* C, int64_t ldc) {
-  __m512 acc[MR][4];
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int64_t d2 = 0; d2 < dp / 2; ++d2) {
     const uint16_t* b = Bp + d2 * ldbp;
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + 32),
-                   b2 = (__m512bh)_mm512_loadu_si512(b + 64), b3 = (__m512bh)_mm512_loadu_si512(b + 96);
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) bv[c] = (__m512bh)_mm512_loadu_si512(b + 32 * c);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
       __builtin_memcpy(&pair, A + r * lda + 2 * d2, 4);
       const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
-      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, b2);
-      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, b3);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, bv[c]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(C + r * ldc + c * 16, acc[r][c]);
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(C + r * ldc + c * 16, acc[r][c]);
 }
 
-// S[rows x 64] = A[rows x dp] (bf16 rows) @ keys (pair-transposed, 2 * ld elements per d pair)
-MG_BF16_TARGET inline void qk_block_bf16(const uint16_t* A, int64_t lda, const uint16_t* Bp,
-                                         int64_t ldbp, int64_t dp, int64_t rows, float* S) {
+template <int NV>
+MG_BF16_TARGET inline void qk_rows_bf16(const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t ldbp,
+                                        int64_t dp, int64_t rows, float* S) {
   int64_t r = 0;
-  for (; r + 6 <= rows; r += 6) qk_tile_bf16<6>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK);
+  for (; r + 6 <= rows; r += 6) qk_tile_bf16<6, NV>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK);
   switch (rows - r) {
-    case 5: qk_tile_bf16<5>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
-    case 4: qk_tile_bf16<4>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
-    case 3: qk_tile_bf16<3>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
-    case 2: qk_tile_bf16<2>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
-    case 1: qk_tile_bf16<1>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 5: qk_tile_bf16<5, NV>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 4: qk_tile_bf16<4, NV>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 3: qk_tile_bf16<3, NV>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 2: qk_tile_bf16<2, NV>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
+    case 1: qk_tile_bf16<1, NV>(A + r * lda, lda, Bp, ldbp, dp, S + r * kAttnBlockK, kAttnBlockK); break;
     default: break;
   }
 }
+
+// S[rows x ncols] = A[rows x dp] (bf16 rows) @ keys (pair-transposed, ldbp elements per d
+// pair); S rows are kAttnBlockK floats apart, ncols is 16, 32, 48 or 64.
+MG_BF16_TARGET inline void qk_block_bf16(const uint16_t* A, int64_t lda, const uint16_t* Bp, int64_t ldbp,
+                                         int64_t dp, int64_t rows, float* S, int64_t ncols = kAttnBlockK) {
+  switch (ncols / 16) {
+    case 4: qk_rows_bf16<4>(A, lda, Bp, ldbp, dp, rows, S); break;
+    case 3: qk_rows_bf16<3>(A, lda, Bp, ldbp, dp, rows, S); break;
+    case 2: qk_rows_bf16<2>(A, lda, Bp, ldbp, dp, rows, S); break;
+    case 1: qk_rows_bf16<1>(A, lda, Bp, ldbp, dp, rows, S); break;
+    default: break;
+  }
+}
+
+// Tiles that cross a mask edge are done in groups of 16 rows, each computing only the
+// 16-column stripes [c_begin, c_end) that some row of the group can see: on the causal
+// diagonal that skips almost half the work. Columns left out are masked by the caller.
+constexpr int64_t kEdgeRows = 16;
+inline int64_t floor16(int64_t x) { return mg_max(0, mg_min(64, x)) / 16 * 16; }
+inline int64_t ceil16(int64_t x) { return (mg_max(0, mg_min(64, x)) + 15) / 16 * 16; }
 
 // C[MR x NV*16] += P[MR x inner] (bf16 rows, zero past `inner`) @ B (pair-interleaved rows)
 template <int MR, int NV>
@@ -638,16 +657,32 @@ MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int6
   const int64_t k_begin = lo_first / kAttnBlockK * kAttnBlockK, k_end = hi_last;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kAttnBlockK) {
     const int64_t n = mg_min(kAttnBlockK, k_end - k0);
-    qk_block_bf16(Qb, dp, ktp + k0 * dp, 2 * kAttnBlockK, dp, rows, S);
+    const uint16_t* kb = ktp + k0 * dp;  // this block's panel
     const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
-    if (!full)
-      for (int64_t i = 0; i < rows; ++i) {
-        int64_t lo, hi;
+    if (full) {
+      qk_block_bf16(Qb, dp, kb, 2 * kAttnBlockK, dp, rows, S);
+      online_softmax_bf16(S, rows, sh.scale, m, l, O, dp, Pb);
+      pv_block_bf16(O, dp, Pb, kAttnBlockK, rows, n, vpi + k0 * dp, dp);
+      continue;
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += kEdgeRows) {
+      const int64_t rr = mg_min(kEdgeRows, rows - r0);
+      int64_t lo, hi, lo2, hi2;  // keys seen by the group's first and last row
+      attn_visible_keys(sh, i0 + r0 + shift, k_len, &lo, &hi);
+      attn_visible_keys(sh, i0 + r0 + rr - 1 + shift, k_len, &lo2, &hi2);
+      const int64_t cb = floor16(lo - k0), ce = ceil16(mg_min(hi2, k0 + n) - k0);
+      if (ce > cb)
+        qk_block_bf16(Qb + r0 * dp, dp, kb + 2 * cb, 2 * kAttnBlockK, dp, rr, S + r0 * kAttnBlockK + cb, ce - cb);
+      for (int64_t i = r0; i < r0 + rr; ++i) {
         attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
         mask_outside(S + i * kAttnBlockK, lo - k0, mg_min(hi, k0 + n) - k0);
       }
-    online_softmax_bf16(S, rows, sh.scale, m, l, O, dp, Pb);
-    pv_block_bf16(O, dp, Pb, kAttnBlockK, rows, n, vpi + k0 * dp, dp);
+      online_softmax_bf16(S + r0 * kAttnBlockK, rr, sh.scale, m + r0, l + r0, O + r0 * dp, dp,
+                          Pb + r0 * kAttnBlockK);
+      if (ce > cb)  // probabilities outside [cb, ce) are 0
+        pv_block_bf16(O + r0 * dp, dp, Pb + r0 * kAttnBlockK + cb, kAttnBlockK, rr, mg_min(ce, n) - cb,
+                      vpi + (k0 + cb) * dp, dp);
+    }
   }
   for (int64_t i = 0; i < rows; ++i)
     finish_row(O + i * dp, m[i], l[i], d, out + i * o_stride, lse ? lse + i * lse_stride : nullptr);
@@ -742,24 +777,46 @@ MG_BF16_TARGET inline void bwd_tile_bf16(const AttnShape& sh, const BwdTileArgs&
                                          float* dK, float* dV, float* ST, float* dPT, uint16_t* PTb,
                                          uint16_t* dSTb, uint16_t* dSv) {
   const int64_t dp = sh.dp;
-  qk_block_bf16(a.Kr, a.lda_k, a.QTv, 2 * kAttnBlockQ, dp, n, ST);
-  qk_block_bf16(a.Vr, a.lda_v, a.dOTv, 2 * kAttnBlockQ, dp, n, dPT);
   const Vec vscale = Vec::set1(sh.scale);
-  for (int64_t j = 0; j < n; ++j) {
-    float* s = ST + j * kAttnBlockQ;
-    float* dp_row = dPT + j * kAttnBlockQ;
+  for (int64_t j0 = 0; j0 < n; j0 += (full ? n : kEdgeRows)) {
+    const int64_t jr = full ? n : mg_min(kEdgeRows, n - j0);
+    int64_t cb = 0, ce = kAttnBlockQ;  // query columns some key of the group sees
     if (!full) {
-      int64_t lo, hi;
-      attn_visible_queries(sh, k0 + j, shift, q_len, &lo, &hi);
-      mask_outside(s, lo - i0, hi - i0);
+      int64_t lo, hi, lo2, hi2;
+      attn_visible_queries(sh, k0 + j0, shift, q_len, &lo, &hi);
+      attn_visible_queries(sh, k0 + j0 + jr - 1, shift, q_len, &lo2, &hi2);
+      cb = floor16(lo - i0), ce = ceil16(hi2 - i0);
     }
-    for (int c = 0; c < kAttnBlockQ; c += 16) {
-      const Vec p = vexp(Vec::load(s + c) * vscale - Vec::load(a.L + c));
-      const Vec ds = p * (Vec::load(dp_row + c) - Vec::load(a.delta + c));
-      ds.store(dp_row + c);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(PTb + j * kAttnBlockQ + c), (__m256i)_mm512_cvtneps_pbh(p.r));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dSTb + j * kAttnBlockQ + c),
-                          (__m256i)_mm512_cvtneps_pbh(ds.r));
+    if (ce > cb) {
+      qk_block_bf16(a.Kr + j0 * a.lda_k, a.lda_k, a.QTv + 2 * cb, 2 * kAttnBlockQ, dp, jr,
+                    ST + j0 * kAttnBlockQ + cb, ce - cb);
+      qk_block_bf16(a.Vr + j0 * a.lda_v, a.lda_v, a.dOTv + 2 * cb, 2 * kAttnBlockQ, dp, jr,
+                    dPT + j0 * kAttnBlockQ + cb, ce - cb);
+    }
+    for (int64_t j = j0; j < j0 + jr; ++j) {
+      float* s = ST + j * kAttnBlockQ;
+      float* dp_row = dPT + j * kAttnBlockQ;
+      if (!full) {
+        int64_t lo, hi;
+        attn_visible_queries(sh, k0 + j, shift, q_len, &lo, &hi);
+        mask_outside(s, lo - i0, hi - i0);
+      }
+      for (int c = 0; c < kAttnBlockQ; c += 16) {
+        Vec p = Vec::zero(), ds = Vec::zero();  // columns outside [cb, ce) were not computed
+        if (c >= cb && c < ce) {
+          p = vexp(Vec::load(s + c) * vscale - Vec::load(a.L + c));
+          ds = p * (Vec::load(dp_row + c) - Vec::load(a.delta + c));
+        }
+        ds.store(dp_row + c);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(PTb + j * kAttnBlockQ + c), (__m256i)_mm512_cvtneps_pbh(p.r));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dSTb + j * kAttnBlockQ + c),
+                            (__m256i)_mm512_cvtneps_pbh(ds.r));
+      }
+    }
+    const int64_t ie = mg_min(ce, rows_i);  // the products over queries skip zero columns too
+    if (ie > cb) {
+      pv_block_bf16(dV + j0 * dp, dp, PTb + j0 * kAttnBlockQ + cb, kAttnBlockQ, jr, ie - cb, a.dOpi + cb * dp, dp);
+      pv_block_bf16(dK + j0 * dp, dp, dSTb + j0 * kAttnBlockQ + cb, kAttnBlockQ, jr, ie - cb, a.Qpi + cb * dp, dp);
     }
   }
   // dS^T rows (j, j + 1) -> pairs over j for the dQ product; a missing odd row is zero
@@ -771,8 +828,6 @@ MG_BF16_TARGET inline void bwd_tile_bf16(const AttnShape& sh, const BwdTileArgs&
       _mm512_storeu_si512(dSv + (j / 2) * 2 * kAttnBlockQ + 2 * c, interleave16(r0, r1));
     }
   }
-  pv_block_bf16(dV, dp, PTb, kAttnBlockQ, n, rows_i, a.dOpi, dp);
-  pv_block_bf16(dK, dp, dSTb, kAttnBlockQ, n, rows_i, a.Qpi, dp);
   pv_block_bf16(a.dQT, a.q_ld, a.KT, a.k_ld, dp, n, dSv, kAttnBlockQ);
 }
 
