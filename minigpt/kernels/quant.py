@@ -49,7 +49,7 @@ from minigpt.kernels.reference.quant import (
     sqnr_db,
 )
 
-register_op("quant_linear", ("cpp",))
+register_op("quant_linear", ("cpp", "triton"))
 
 FORMATS = ("int8", "int4", "nf4")
 ACT_QUANT = (None, "int8")  # activation quantization options of quant_linear
@@ -135,8 +135,9 @@ def quant_linear(
         x: (..., K) float32/bfloat16/float16 activations.
         weight: a :class:`QuantizedWeight` of shape (N, K).
         bias: optional (N,) float bias.
-        backend: ``"torch"`` (dequantize + float32 matmul, the reference) or
-            ``"cpp"`` (fused kernel reading packed weights once).
+        backend: ``"torch"`` (dequantize + float32 matmul, the reference),
+            ``"cpp"`` (CPU: fused kernel reading packed weights once) or
+            ``"triton"`` (CUDA: decode in registers + ``tl.dot``).
         act_quant: ``None`` (default: float activations, exact) or ``"int8"``:
             round each activation row to int8 first (one scale per row, see
             :func:`~minigpt.kernels.reference.quant.fake_quantize_rows_reference`)
@@ -168,24 +169,37 @@ def quant_linear(
     if chosen == "torch":
         xr = x2 if act_quant is None else fake_quantize_rows_reference(x2).to(x2.dtype)
         y = quant_linear_reference(xr, weight.dequantize(), bias)
-    elif act_quant is not None:
-        if torch.is_grad_enabled() and x2.requires_grad:
-            y = _QuantLinearFunction.apply(x2, weight, bias, True)
-        else:
-            y = _fused(x2, weight, bias, dynamic=True)
-    elif x2.shape[0] > LARGE_M:
+    elif chosen == "cpp" and act_quant is None and x2.shape[0] > LARGE_M:
         # prefill: a float GEMM library reuses weights from cache far better
         y = F.linear(x2, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
     elif torch.is_grad_enabled() and x2.requires_grad:
-        y = _QuantLinearFunction.apply(x2, weight, bias, False)
+        y = _QuantLinearFunction.apply(x2, weight, bias, chosen, act_quant is not None)
     else:
-        y = _fused(x2, weight, bias)
+        y = _fused(x2, weight, bias, chosen, act_quant is not None)
     return y.reshape(*lead, n)
 
 
 def _fused(
-    x2: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, dynamic: bool = False
+    x2: torch.Tensor,
+    weight: QuantizedWeight,
+    bias: torch.Tensor | None,
+    backend: str,
+    dynamic: bool = False,
 ) -> torch.Tensor:
+    if backend == "triton":
+        from minigpt.kernels.triton import quant as tri
+
+        if dynamic:  # GPU: round the activations, then the float-activation kernel
+            x2 = fake_quantize_rows_reference(x2).to(x2.dtype)
+        return tri.quant_linear(
+            x2,
+            weight.qweight,
+            weight.scales,
+            weight.zeros,
+            bias,
+            _FMT_CODE[weight.fmt],
+            weight.block,
+        )
     op = torch.ops.minigpt.quant_linear_dynamic if dynamic else torch.ops.minigpt.quant_linear
     return op(
         x2.contiguous(),
@@ -206,17 +220,17 @@ class _QuantLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, dynamic):  # type: ignore[override]
+    def forward(ctx, x2, weight, bias, backend, dynamic):  # type: ignore[override]
         ctx.weight = weight
         ctx.has_bias = bias is not None
-        return _fused(x2, weight, bias, dynamic)
+        return _fused(x2, weight, bias, backend, dynamic)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         w = ctx.weight.dequantize(torch.float32)
         dx = (dy.float() @ w).to(dy.dtype)
         db = dy.float().sum(0).to(dy.dtype) if ctx.has_bias else None
-        return dx, None, db, None
+        return dx, None, db, None, None
 
 
 def dequantize_weight(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
