@@ -1,7 +1,8 @@
 """Training throughput: our GPT vs the same architecture in plain eager PyTorch.
 
 One timed call = one full optimizer step (forward, backward, fused AdamW) on a
-fixed (batch, seq_len) batch. Competitors, same shapes and parameter count:
+fixed (batch, seq_len) batch, in float32 or under bf16 autocast (``precision``:
+every model in the same dtype). Competitors, same shapes and parameter count:
 
 * ``eager``: a nanoGPT-style Llama block written with stock PyTorch modules
   (``nn.RMSNorm``, ``F.scaled_dot_product_attention``, ``F.silu``, ``F.cross_entropy``)
@@ -106,12 +107,17 @@ class EagerGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """A closure doing one full optimizer step of ``model`` on (x, y)."""
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32"):
+    """A closure doing one full optimizer step of ``model`` on (x, y).
+
+    ``precision="bf16"`` runs forward and backward under CPU bf16 autocast (float32
+    master weights and optimizer, as the trainer does)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    autocast = precision == "bf16"
 
     def step() -> float:
-        loss = model(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,7 +135,8 @@ def profile_table(step, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def test_train_throughput(compare, benchmark):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_throughput(compare, benchmark, precision):
     shape = TINY if getattr(benchmark, "disabled", False) else FULL
     shape = dict(shape)
     batch = shape.pop("batch")
@@ -143,9 +150,9 @@ def test_train_throughput(compare, benchmark):
     T = cfg.max_seq_len
     x = torch.randint(0, cfg.vocab_size, (batch, T))
     y = torch.randint(0, cfg.vocab_size, (batch, T))
-    ours_step = train_step_fn(ours, x, y)
-    eager_step = train_step_fn(eager, x, y)
-    compiled_step = train_step_fn(torch.compile(compiled_model), x, y)
+    ours_step = train_step_fn(ours, x, y, precision)
+    eager_step = train_step_fn(eager, x, y, precision)
+    compiled_step = train_step_fn(torch.compile(compiled_model), x, y, precision)
     compiled_step()  # compile outside the timed rounds
     rounds = 1 if benchmark.disabled else 5
     extra = compare.run(
@@ -155,6 +162,7 @@ def test_train_throughput(compare, benchmark):
         rounds=rounds,
         warmup=1,
         params_M=round(n_params / 1e6, 2),
+        precision=precision,
         tokens_per_step=batch * T,
     )
     if not benchmark.disabled:
