@@ -43,7 +43,7 @@ from minigpt.kernels.reference.attention import (
 
 register_op("attention", ("cpp", "triton"))
 register_op("attention_varlen", ("cpp", "triton"))
-register_op("attention_with_kv_cache", ("cpp",))
+register_op("attention_with_kv_cache", ("cpp", "triton"))
 
 MAX_HEAD_DIM = 256
 
@@ -358,6 +358,12 @@ def attention_with_kv_cache(
     if chosen == "torch":
         return attention_with_kv_cache_reference(
             q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, scale
+        )
+    if chosen == "triton":
+        from minigpt.kernels.triton import attention_decode
+
+        return attention_decode.attention_kvcache(
+            q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, causal
         )
     return torch.ops.minigpt.attention_kvcache(
         q.contiguous(),
