@@ -186,10 +186,26 @@ def test_on_policy_pairs_reject_the_models_own_mistakes():
             assert r["rejected"] == p.strip()
 
 
+def test_nll_term_adds_the_chosen_per_token_nll():
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size).eval()
+    pairs = _pairs(tok, 6)
+    batch = pad_pairs(pairs, tok.pad_id, precompute_reference(model, pairs, tok.pad_id))
+    with torch.no_grad():
+        plain = DPOLoss(beta=0.1)(model, batch)
+        with_nll = DPOLoss(beta=0.1, nll_weight=0.5)(model, batch)
+        logps = sequence_logps(model, batch["input_ids"], batch["labels"])[:6]
+        n_tokens = (batch["labels"][:6] != -100).sum(-1)
+    nll = -(logps / n_tokens).mean()
+    assert with_nll.item() == pytest.approx(plain.item() + 0.5 * nll.item(), rel=1e-5)
+
+
 def test_bad_dpo_settings():
     with pytest.raises(ValueError, match="beta must be > 0"):
         DPOSettings(beta=0.0)
     with pytest.raises(ValueError, match="label_smoothing"):
         DPOSettings(label_smoothing=0.5)
+    with pytest.raises(ValueError, match="nll_weight"):
+        DPOSettings(nll_weight=-1.0)
     with pytest.raises(ValueError, match="unknown config key 'dpo.betta'"):
         load_config(DPOConfig, None, ["dpo.betta=1"])

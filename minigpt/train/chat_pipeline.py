@@ -66,6 +66,7 @@ class PipelineConfig:
     vocab_size: int = 2048
     dpo_beta: float = 0.1
     dpo_lr: float = 1e-4
+    dpo_nll_weight: float = 1.0  # RPO-style NLL on chosen: plain DPO degraded accuracy here
     threads: int = 2
     seed: int = 0
 
@@ -185,6 +186,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, print_fn=print) -> dict[s
             f"data.num_examples={cfg.dpo_examples}",
             "data.max_len=96",
             f"dpo.beta={cfg.dpo_beta}",
+            f"dpo.nll_weight={cfg.dpo_nll_weight}",
             "train.batch_size=16",
             "train.max_steps=100000",
             f"train.time_budget_s={cfg.dpo_minutes * 60}",

@@ -69,15 +69,22 @@ class DPOSettings:
         beta: inverse temperature of the implicit reward (see module docstring).
         label_smoothing: eps, the assumed rate of flipped preferences (0 = plain DPO).
         precompute_ref: compute reference log-probs once and cache them (else every step).
+        nll_weight: alpha of an added ``alpha * NLL(chosen)`` term (mean per token), as
+            in RPO (Pang et al. 2024). 0 = plain DPO. Pure DPO only asks the chosen
+            reply to beat the rejected one, and it can get there by lowering both;
+            the NLL term keeps the chosen reply's own probability up.
     """
 
     beta: float = 0.1
     label_smoothing: float = 0.0
     precompute_ref: bool = True
+    nll_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if self.nll_weight < 0:
+            raise ValueError(f"dpo.nll_weight must be >= 0, got {self.nll_weight}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
@@ -177,8 +184,11 @@ class DPOLoss:
     log-probs are precomputed. Otherwise ``ref_model`` computes them.
     """
 
-    def __init__(self, beta: float, label_smoothing: float = 0.0, ref_model=None) -> None:
+    def __init__(
+        self, beta: float, label_smoothing: float = 0.0, ref_model=None, nll_weight: float = 0.0
+    ) -> None:
         self.beta, self.label_smoothing, self.ref_model = beta, label_smoothing, ref_model
+        self.nll_weight = nll_weight
         self.reset()
 
     def reset(self) -> None:
@@ -208,10 +218,17 @@ class DPOLoss:
             "reward_margin": (rc - rr).mean(),
             "reward_acc": (rc > rr).float().mean(),
         }
+        loss = losses.mean()
+        if self.nll_weight:
+            # mean per-token negative log-likelihood of the chosen replies (see DPOSettings)
+            n_tokens = (batch["labels"][:b] != -100).sum(-1).clamp(min=1)
+            nll = -(logps[:b] / n_tokens).mean()
+            stats["nll_chosen"] = nll.detach()
+            loss = loss + self.nll_weight * nll
         for k, v in stats.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v)
         self._count += 1
-        return losses.mean()
+        return loss
 
     def means(self) -> dict[str, float]:
         """Mean of each statistic since :meth:`reset`."""
@@ -431,7 +448,7 @@ def run_dpo(
         tc,
         cfg.optim,
         PairBatches(train, tc.batch_size, pad_id, ref_train, seed=tc.seed),
-        loss_fn=DPOLoss(cfg.dpo.beta, cfg.dpo.label_smoothing, ref_model),
+        loss_fn=DPOLoss(cfg.dpo.beta, cfg.dpo.label_smoothing, ref_model, cfg.dpo.nll_weight),
         val_batches=lambda: iter(val_sets),
         sample_fn=answer_samples(tokenizer, [p.prompt for p in val_pairs[:3]]),
         run_dir=out,
