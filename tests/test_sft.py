@@ -84,8 +84,10 @@ def test_sft_reduces_assistant_loss():
 
 def test_run_sft_full_and_resume_is_exact(tmp_path):
     base = make_base_run(tmp_path / "base")
-    run_sft(sft_config(base), tmp_path / "full", **QUIET)
+    full = run_sft(sft_config(base), tmp_path / "full", **QUIET)
     assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
+    first_val_prompt = generate_tasks(12, "test", seed=1)[0].prompt
+    assert full["samples"][0].startswith(repr(first_val_prompt) + " -> ")
     assert (tmp_path / "full" / "tokenizer.json").is_file()
     part = run_sft(sft_config(base, "train.stop_at_step=5"), tmp_path / "part", **QUIET)
     assert part["interrupted"] and part["step"] == 5

@@ -164,6 +164,12 @@ def finish_stage(model, tokenizer, out: Path, summary: dict[str, Any]) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
+def prompt_part(messages: list[dict]) -> list[dict]:
+    """The messages before the last assistant turn (what the model answers)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
 def answer_samples(tokenizer, prompts: list[list[dict]], max_new_tokens: int = 24):
     """``sample_fn(model)``: greedy replies to a few prompts, shown during training."""
     from minigpt.data.chat import prompt_ids
@@ -253,7 +259,7 @@ def run_sft(
         loss_fn=sft_loss,
         val_batches=lambda: iter(val_sets),
         token_bytes=token_byte_lengths(tokenizer),
-        sample_fn=answer_samples(tokenizer, val_conv[:3]),
+        sample_fn=answer_samples(tokenizer, [prompt_part(m) for m in val_conv[:3]]),
         run_dir=out,
         extra_state={"stage": "sft", "tokenizer_fingerprint": tokenizer.fingerprint},
     )
