@@ -92,3 +92,22 @@ def test_decode_smollm2(compare, dtype):
     extra = compare.run(ours, {"hf_generate": hf}, rounds=3, warmup=1, new_tokens=new_tokens)
     if "time_ms" in extra:
         extra["tokens/s"] = {k: round(new_tokens / v * 1e3, 1) for k, v in extra["time_ms"].items()}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("shape", [(576, 1536), (49152, 576)], ids=["mlp", "lm_head"])
+def test_gemv(compare, dtype, shape):
+    """One decode-time linear layer (batch 1, SmolLM2-135M shapes): GB/s of weights read."""
+    from minigpt.kernels.linear import linear
+
+    n, k = shape
+    x = torch.randn(1, k).to(DTYPES[dtype])
+    w = torch.randn(n, k).to(DTYPES[dtype])
+    with torch.no_grad():
+        compare.run(
+            lambda: linear(x, w),
+            {"torch_linear": lambda: torch.nn.functional.linear(x, w)},
+            bytes_moved=w.numel() * w.element_size(),
+            rounds=30,
+            warmup=3,
+        )
