@@ -120,7 +120,8 @@ def test_chunk_boundaries(chunk_size):
 
 def test_default_chunk_rows_bounds_memory():
     assert default_chunk_rows(8192, 32000, 4) * 32000 * 4 <= 64 * 2**20
-    assert default_chunk_rows(8192, 32000, 2) == 1024
+    # 16-bit: 40 MiB budget (655 rows at V = 32k), split evenly over 13 chunks
+    assert default_chunk_rows(8192, 32000, 2) == 631
     assert default_chunk_rows(100, 32000) == 100  # small N: one chunk
     assert default_chunk_rows(8192, 10**7) == 64  # huge V: the floor
     rows = default_chunk_rows(1000, 32000)  # chunks split evenly
@@ -319,3 +320,25 @@ def test_accumulate_f32(dtype, isa):
     torch.testing.assert_close(acc, expected)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.minigpt.accumulate_f32_(part.double(), part, 1.0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_split_f32_accumulator_is_exactly_float32(isa):
+    # The bfloat16 dW accumulator: a float32 kept as bf16 top half + int16 bottom
+    # half. Summing into it must give bit for bit the float32 sum, and the final
+    # rounding the bfloat16 of that sum (round to nearest even, as torch).
+    shape = (3, 37)  # odd sizes: vector body and tail
+    hi = torch.zeros(shape, dtype=torch.bfloat16)
+    lo = torch.zeros(shape, dtype=torch.int16)
+    acc = torch.zeros(shape)
+    with force_cpu_isa(isa):
+        for alpha in (0.5, -1.25, 3.0, 1e-3):
+            part = random_tensor(shape, torch.bfloat16)
+            torch.ops.minigpt.accumulate_split_f32_(hi, lo, part, alpha)
+            torch.ops.minigpt.accumulate_f32_(acc, part, alpha)
+        bits = (hi.view(torch.int16).int() << 16) | (lo.int() & 0xFFFF)
+        assert torch.equal(bits.view(torch.float32), acc)
+        torch.ops.minigpt.round_split_to_bf16_(hi, lo)
+    assert torch.equal(hi, acc.bfloat16())
+    with pytest.raises(RuntimeError, match="int16"):
+        torch.ops.minigpt.round_split_to_bf16_(hi, lo.float())

@@ -10,6 +10,11 @@
 //       float softcap, float z_loss, bool write_grad) -> (Tensor loss, Tensor lse)
 //   torch.ops.minigpt.accumulate_f32_(Tensor(a!) acc, Tensor part, float alpha) -> ()
 //       (acc += alpha * part: a low-precision dW partial into the float32 accumulator)
+//   torch.ops.minigpt.accumulate_split_f32_(Tensor(a!) hi, Tensor(b!) lo, Tensor part,
+//       float alpha) -> ()
+//   torch.ops.minigpt.round_split_to_bf16_(Tensor(a!) hi, Tensor lo) -> ()
+//       (the same float32 accumulation with the accumulator stored as a bfloat16 top
+//       half `hi` and an int16 bottom half `lo`; the second op rounds it into `hi`)
 //
 // on a 2-D contiguous (rows, V) logits chunk. With write_grad the logits are
 // overwritten in place by the gradient of the loss (so the caller's chunk
@@ -99,6 +104,37 @@ void accumulate_f32_(at::Tensor& acc, const at::Tensor& part, double alpha) {
   });
 }
 
+void check_split(const at::Tensor& hi, const at::Tensor& lo, const char* op) {
+  check_cpu_contiguous(hi, "hi");
+  check_cpu_contiguous(lo, "lo");
+  TORCH_CHECK(hi.scalar_type() == at::kBFloat16 && lo.scalar_type() == at::kShort, op,
+              ": hi must be bfloat16 and lo int16");
+  TORCH_CHECK(hi.sizes() == lo.sizes(), op, ": hi and lo must have one shape");
+}
+
+void accumulate_split_f32_(at::Tensor& hi, at::Tensor& lo, const at::Tensor& part, double alpha) {
+  check_split(hi, lo, "accumulate_split_f32_");
+  check_cpu_contiguous(part, "part");
+  TORCH_CHECK(part.scalar_type() == at::kBFloat16 && part.sizes() == hi.sizes(),
+              "accumulate_split_f32_: part must be bfloat16 of hi's shape");
+  auto kernel = MG_ISA_CALL(accumulate_split_f32);
+  uint16_t* hp = ptr<uint16_t>(hi);
+  uint16_t* lp = ptr<uint16_t>(lo);
+  const BF16* pp = ptr<const BF16>(part);
+  at::parallel_for(0, hi.numel(), int64_t{1} << 16, [&](int64_t b, int64_t e) {
+    kernel(hp + b, lp + b, pp + b, float(alpha), e - b);
+  });
+}
+
+void round_split_to_bf16_(at::Tensor& hi, const at::Tensor& lo) {
+  check_split(hi, lo, "round_split_to_bf16_");
+  auto kernel = MG_ISA_CALL(round_split_to_bf16);
+  uint16_t* hp = ptr<uint16_t>(hi);
+  const uint16_t* lp = ptr<const uint16_t>(lo);
+  at::parallel_for(0, hi.numel(), int64_t{1} << 16,
+                   [&](int64_t b, int64_t e) { kernel(hp + b, lp + b, e - b); });
+}
+
 }  // namespace
 }  // namespace minigpt::cpu
 
@@ -108,9 +144,13 @@ TORCH_LIBRARY_FRAGMENT(minigpt, m) {
       "float scale, int ignore_index, float softcap, float z_loss, bool write_grad) -> (Tensor, "
       "Tensor)");
   m.def("accumulate_f32_(Tensor(a!) acc, Tensor part, float alpha) -> ()");
+  m.def("accumulate_split_f32_(Tensor(a!) hi, Tensor(b!) lo, Tensor part, float alpha) -> ()");
+  m.def("round_split_to_bf16_(Tensor(a!) hi, Tensor lo) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
   m.impl("cross_entropy_chunk", &minigpt::cpu::cross_entropy_chunk);
   m.impl("accumulate_f32_", &minigpt::cpu::accumulate_f32_);
+  m.impl("accumulate_split_f32_", &minigpt::cpu::accumulate_split_f32_);
+  m.impl("round_split_to_bf16_", &minigpt::cpu::round_split_to_bf16_);
 }

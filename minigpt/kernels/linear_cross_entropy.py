@@ -32,13 +32,20 @@ Rows whose target is ``ignore_index`` are dropped before any matmul (prompt
 masking in fine-tuning often ignores half the rows, and they cost nothing here).
 
 Chunk size: by default each chunk's logits take about ``CHUNK_BYTES`` (64 MiB)
-in their own dtype, i.e. ``C = 64 MiB / (itemsize * V)`` rows, at least 64:
-512 float32 / 1024 bfloat16 rows at V = 32k, 128 / 256 at V = 128k. That
-bounds the extra memory independently of N, while C stays large enough that
-the three matmuls run near peak (measured on CPU: bfloat16 GEMMs with 256-row
-chunks ran at less than half the speed of 1024-row ones) and the (V, H)
-float32 accumulator update (one read + write of dW per chunk) costs a few
-percent. Pass ``chunk_size`` to override.
+in float32 and ``CHUNK_BYTES_16BIT`` (40 MiB) in bfloat16/float16, i.e.
+``C = bytes / (itemsize * V)`` rows, at least 64: 512 float32 / 655 bfloat16
+rows at V = 32k, 128 / 163 at V = 128k. That bounds the extra memory
+independently of N, while C stays large enough that the three matmuls run near
+peak and the (V, H) float32 accumulator update (one read + write of dW per
+chunk) costs a few percent. The 16-bit budget is smaller because there the
+float32 dW accumulator (4 bytes per weight, twice the weight itself) dominates
+the footprint, and eager's own peak is half that of float32: at N = 4096,
+H = 1024, V = 32k in bfloat16 the step peaks near 180 MiB (accumulator 125,
+chunk 37, dh 8) against eager's ~750. Pass ``chunk_size`` to override.
+
+bfloat16 on CPU keeps the float32 accumulator split in two 16-bit halves (the
+top half is the bfloat16 result, rounded in place at the end), so no float32 to
+bfloat16 copy of the (V, H) gradient is ever made.
 
 Backends: the chunk kernel is C++ (``torch.ops.minigpt.cross_entropy_chunk``,
 CPU) or Triton (:mod:`minigpt.kernels.triton.cross_entropy`, CUDA or the
@@ -58,7 +65,8 @@ from minigpt.kernels.reference.cross_entropy import linear_cross_entropy_referen
 register_op("linear_cross_entropy", ("cpp", "triton"))
 
 REDUCTIONS = ("mean", "sum", "none")
-CHUNK_BYTES = 64 * 2**20  # target size of one chunk of logits
+CHUNK_BYTES = 64 * 2**20  # target size of one chunk of float32 logits
+CHUNK_BYTES_16BIT = 40 * 2**20  # ... of bfloat16/float16 logits (see module docstring)
 MIN_CHUNK_ROWS = 64  # below this the matmuls and the dW update lose efficiency
 # bf16/fp16: dW partials are computed for this many elements of vocabulary rows at
 # a time (2M = 4 MiB) rather than for the whole (V, H) matrix at once (a bigger
@@ -67,12 +75,13 @@ DW_BLOCK_ELEMENTS = 2 * 2**20
 
 
 def default_chunk_rows(n_rows: int, vocab: int, itemsize: int = 4) -> int:
-    """Rows per chunk: logits of about ``CHUNK_BYTES`` (at least 64 rows) with
-    ``itemsize``-byte elements, and the rows split evenly so the last chunk is not
-    a sliver."""
+    """Rows per chunk: logits of about ``CHUNK_BYTES`` (``CHUNK_BYTES_16BIT`` for
+    2-byte elements; at least 64 rows) with ``itemsize``-byte elements, and the
+    rows split evenly so the last chunk is not a sliver."""
     if n_rows <= 0:
         return 1
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // (itemsize * max(vocab, 1)))
+    budget = CHUNK_BYTES if itemsize >= 4 else CHUNK_BYTES_16BIT
+    rows = max(MIN_CHUNK_ROWS, budget // (itemsize * max(vocab, 1)))
     if rows >= n_rows:
         return n_rows
     n_chunks = -(-n_rows // rows)
@@ -106,9 +115,16 @@ def _chunk_logits(h, weight, bias, out):
     return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _accumulate_grads(grad, h, weight, post_scale, dh_out, dw_acc, dw_tmp, db_acc, fused_add):
-    # dw_tmp: low-precision scratch for a block of dW rows (see _dw_block_rows)
-    """dh = grad @ W; dW += grad^T h; db += sum(grad), with dW/db in float32."""
+def _accumulate_grads(
+    grad, h, weight, post_scale, dh_out, dw_acc, dw_lo, dw_tmp, db_acc, fused_add
+):
+    """dh = grad @ W; dW += grad^T h; db += sum(grad), with dW/db in float32.
+
+    ``dw_acc`` is the float32 accumulator, or with ``dw_lo`` given, the bfloat16 top
+    half of a split float32 accumulator whose int16 bottom half is ``dw_lo`` (C++
+    only, see ``_run_chunks``). ``dw_tmp``: low-precision scratch for a block of dW
+    rows (the partials of bf16/fp16 chunks are computed DW_BLOCK_ELEMENTS at a time).
+    """
     if dh_out is not None:
         torch.mm(grad, weight, out=dh_out)
         if post_scale != 1.0:
@@ -123,7 +139,11 @@ def _accumulate_grads(grad, h, weight, post_scale, dh_out, dw_acc, dw_tmp, db_ac
             for v0 in range(0, dw_acc.shape[0], vb):
                 v1 = min(v0 + vb, dw_acc.shape[0])
                 part = torch.mm(grad[:, v0:v1].t(), h, out=dw_tmp[: v1 - v0])
-                if fused_add:  # one pass; torch's add_ would first copy part to float32
+                if dw_lo is not None:
+                    torch.ops.minigpt.accumulate_split_f32_(
+                        dw_acc[v0:v1], dw_lo[v0:v1], part, post_scale
+                    )
+                elif fused_add:  # one pass; torch's add_ would first copy part to float32
                     torch.ops.minigpt.accumulate_f32_(dw_acc[v0:v1], part, post_scale)
                 else:
                     dw_acc[v0:v1].add_(part, alpha=post_scale)
@@ -172,9 +192,16 @@ def _run_chunks(
     loss_c = torch.empty(n_valid, **f32)
     lse_c = torch.empty(n_valid, **f32)
     dh_c = torch.empty(n_valid, H, device=hidden.device, dtype=hidden.dtype) if need_dh else None
-    dw_acc = torch.zeros(V, H, **f32) if need_dw else None
-    db_acc = torch.zeros(V, **f32) if need_db else None
     low_precision_dw = need_dw and hidden.dtype != torch.float32 and n_valid > 0
+    # bfloat16 on CPU: the float32 dW accumulator is stored split in two 16-bit
+    # halves, the top one being the bfloat16 result (rounded in place at the end),
+    # so no float32 -> bfloat16 copy of (V, H) is made: the peak memory is the
+    # 4 bytes per dW element of the accumulator rather than 4 + 2.
+    split_dw = low_precision_dw and hidden.dtype == torch.bfloat16 and backend == "cpp"
+    dw_lo = torch.zeros(V, H, device=hidden.device, dtype=torch.int16) if split_dw else None
+    dw_dtype = torch.bfloat16 if split_dw else torch.float32
+    dw_acc = torch.zeros(V, H, device=hidden.device, dtype=dw_dtype) if need_dw else None
+    db_acc = torch.zeros(V, **f32) if need_db else None
     dw_rows = max(1, min(V, DW_BLOCK_ELEMENTS // max(H, 1)))
     dw_tmp = (
         torch.empty(dw_rows, H, device=hidden.device, dtype=hidden.dtype)
@@ -206,11 +233,16 @@ def _run_chunks(
                 post_scale,
                 dh_c[s:e] if dh_c is not None else None,
                 dw_acc,
+                dw_lo,
                 dw_tmp,
                 db_acc,
                 backend == "cpp",
             )
+        del logits, h  # views of buf and h_all: they would keep buf alive below
     del buf, dw_tmp
+    if dw_lo is not None:
+        torch.ops.minigpt.round_split_to_bf16_(dw_acc, dw_lo)
+        del dw_lo
 
     def scatter(values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         if not compact:
@@ -533,7 +565,7 @@ def linear_cross_entropy(
             ``targets``, 0 at ignored rows, not differentiable), e.g. to log the
             z-statistics. Free: the kernel computes it anyway.
         chunk_size: rows per chunk (default :func:`default_chunk_rows`: about 64 MiB
-            of logits per chunk).
+            of float32 or 40 MiB of bfloat16/float16 logits per chunk).
         backend: ``"torch"`` (the eager reference), ``"cpp"`` or ``"triton"``.
 
     Returns:
