@@ -24,6 +24,7 @@
 // machine (oneDNN / MKL, with native bf16 where the CPU has it) does the work
 // and no padding to a fixed capacity is needed.
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -226,6 +227,34 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& dy,
 
 // ---- grouped GEMM -------------------------------------------------------------------------
 
+// Run fn(e) for every group, the groups split between threads in contiguous runs of
+// about equal cost (rows + fixed_cost each), every GEMM single-threaded inside one
+// parallel region. Why not a loop of multi-threaded GEMMs: with E = 64 small groups
+// that is 64 fork/join barriers per grouped GEMM, and on a busy machine (threads
+// descheduled while others wait at the barrier) those cost more than the math.
+template <typename Fn>
+void for_each_group(const int64_t* off, int64_t groups, int64_t fixed_cost, const Fn& fn) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), groups);
+  if (threads <= 1 || at::in_parallel_region()) {
+    for (int64_t g = 0; g < groups; ++g) fn(g);
+    return;
+  }
+  const double total = double(off[groups]) + double(fixed_cost) * double(groups);
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    // worker threads start with autograd on; these GEMMs are never differentiated
+    at::NoGradGuard no_grad;
+    for (int64_t task = b; task < e; ++task) {
+      for (int64_t g = 0; g < groups; ++g) {
+        // the group goes to the task whose share of the total cost holds its midpoint
+        const double mid = double(off[g]) + double(fixed_cost) * double(g) +
+                           0.5 * double(off[g + 1] - off[g] + fixed_cost);
+        const int64_t owner = std::min<int64_t>(threads - 1, int64_t(mid / total * threads));
+        if (owner == task) fn(g);
+      }
+    }
+  });
+}
+
 void check_grouped(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offsets,
                    const char* op) {
   check_rows(x, "x", op);
@@ -242,16 +271,16 @@ at::Tensor grouped_mm_fwd(const at::Tensor& x, const at::Tensor& w, const at::Te
   const int64_t* off = ptr<const int64_t>(offsets);
   at::Tensor y = pooled_empty({x.size(0), w.size(1)}, x.scalar_type());
   if (w.size(1) == 0) return y;
-  for (int64_t e = 0; e < groups; ++e) {
+  for_each_group(off, groups, 0, [&](int64_t e) {
     const int64_t rows = off[e + 1] - off[e];
-    if (rows == 0) continue;
+    if (rows == 0) return;
     at::Tensor out = y.narrow(0, off[e], rows);
     if (x.size(1) == 0) {
       out.zero_();
-      continue;
+      return;
     }
     at::mm_out(out, x.narrow(0, off[e], rows), w.select(0, e).t());
-  }
+  });
   return y;
 }
 
@@ -268,7 +297,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_bwd(const at::Tensor& dy, const at
   const int64_t* off = ptr<const int64_t>(offsets);
   at::Tensor dx = need_dx ? pooled_empty(x.sizes(), x.scalar_type()) : at::empty({0}, x.options());
   at::Tensor dw = need_dw ? at::empty(w.sizes(), w.options()) : at::empty({0}, w.options());
-  for (int64_t e = 0; e < groups; ++e) {
+  // an expert's weight gradient costs a full (n_out, n_in) write even for few rows
+  const int64_t fixed = need_dw ? 16 : 0;
+  for_each_group(off, groups, fixed, [&](int64_t e) {
     const int64_t rows = off[e + 1] - off[e];
     at::Tensor dy_e = dy.narrow(0, off[e], rows);
     if (need_dx && rows > 0) {
@@ -285,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_bwd(const at::Tensor& dy, const at
       else
         at::mm_out(dw_e, dy_e.t(), x.narrow(0, off[e], rows));
     }
-  }
+  });
   return {dx, dw};
 }
 
