@@ -205,3 +205,41 @@ def test_act_quant_bad_options_grad_and_compile():
 
     x2 = torch.randn(3, 64)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x2), f(x2))
+
+
+# ---- prefill (M > LARGE_M): tile-wise C++ dequantize + float GEMM ------------------
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_cpp_dequantize_and_prefill_match_reference(isa):
+    if not _isa_ok(isa):
+        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")
+    torch.manual_seed(7)
+    for fmt, block in FORMATS:
+        for n, k in [(7, 128), (5, 97), (300, 256)]:
+            if block is not None and k % block:
+                continue
+            qw = quantize_weight(torch.randn(n, k), fmt, block)
+            code = {"int8": 0, "int4": 1, "nf4": 2}[fmt]
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                with force_cpu_isa(isa):
+                    got = torch.ops.minigpt.quant_dequantize(
+                        qw.qweight, qw.scales, qw.zeros, code, qw.block, k, dtype
+                    )
+                assert got.dtype == dtype
+                # fp32: same float ops; bf16/fp16: one rounding of the same value
+                torch.testing.assert_close(got, qw.dequantize(dtype), atol=0, rtol=0)
+            x = torch.randn(61, k)  # > LARGE_M rows: the prefill path
+            bias = torch.randn(n)
+            with force_cpu_isa(isa):
+                got = quant_linear(x, qw, bias)
+            expected = quant_linear(x, qw, bias, backend="torch")
+            torch.testing.assert_close(got, expected, atol=2e-5 * k**0.5, rtol=2e-5)
+
+
+def test_prefill_path_keeps_input_gradient():
+    torch.manual_seed(8)
+    qw = quantize_weight(torch.randn(16, 64), "int4", 32)
+    x = torch.randn(60, 64, requires_grad=True)
+    quant_linear(x, qw).sum().backward()
+    torch.testing.assert_close(x.grad, qw.dequantize().sum(0).expand(60, 64))

@@ -9,6 +9,7 @@
 // torch.compile is in minigpt/kernels/quant.py.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -99,10 +100,81 @@ at::Tensor quant_linear_float(const at::Tensor& x, const at::Tensor& qweight, co
   return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
 }
 
+// The float (N, K) weight in `dtype` (float32 / bfloat16 / float16), decoded with
+// the same SIMD code as the matmul; threads split the output channels.
+at::Tensor quant_dequantize(const at::Tensor& qweight, const at::Tensor& scales,
+                            const std::optional<at::Tensor>& zeros, int64_t fmt, int64_t block,
+                            int64_t k, at::ScalarType dtype) {
+  TORCH_CHECK(qweight.dim() == 2, "quant_dequantize: qweight must be 2-D");
+  const int64_t n = qweight.size(0);
+  // reuse quant_linear's argument checks on an empty batch
+  quant_linear_float(at::empty({0, k}, qweight.options().dtype(at::kFloat)), qweight, scales, zeros,
+                     std::nullopt, fmt, block);
+  QuantWeightView w{qweight.data_ptr(), nullptr, nullptr, nullptr, n, k, block};
+  if (fmt == kQuantInt4) {
+    w.scale_bf = ptr<const BF16>(scales);
+    w.zeros = ptr<const uint8_t>(*zeros);
+  } else {
+    w.scale_f = ptr<const float>(scales);
+  }
+  at::Tensor out = at::empty({n, k}, qweight.options().dtype(dtype));
+  if (n == 0 || k == 0) return out;
+  dispatch_float_types(dtype, "quant_dequantize", [&]<typename T>() {
+    auto kernel = MG_ISA_CALL(dequantize_channels<T>);
+    T* o = ptr<T>(out);
+    at::parallel_for(0, n, std::max<int64_t>(1, 4096 / k), [&](int64_t b, int64_t e) {
+      kernel(int(fmt), w, b, e, o, 0, kNF4Codebook);
+    });
+  });
+  return out;
+}
+
+// Prefill (many rows): y = x @ dequantize(W)^T (+ bias) as a float GEMM on tiles of
+// output channels. Each tile of W is decoded into one reused buffer in x's dtype
+// (small enough to stay in cache; no whole-matrix temporary and its page faults)
+// and multiplied by at::mm, which brings its own blocked, multithreaded GEMM.
+at::Tensor quant_linear_prefill(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                const std::optional<at::Tensor>& zeros,
+                                const std::optional<at::Tensor>& bias, int64_t fmt, int64_t block) {
+  quant_linear_float(x.narrow(0, 0, 0), qweight, scales, zeros, bias, fmt, block);  // checks
+  const int64_t m = x.size(0), k = x.size(1), n = qweight.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  QuantWeightView w{qweight.data_ptr(), nullptr, nullptr, nullptr, n, k, block};
+  if (fmt == kQuantInt4) {
+    w.scale_bf = ptr<const BF16>(scales);
+    w.zeros = ptr<const uint8_t>(*zeros);
+  } else {
+    w.scale_f = ptr<const float>(scales);
+  }
+  // ~1 MiB of decoded weights per tile, a multiple of 64 channels
+  const int64_t tile = std::max<int64_t>(64, ((int64_t{1} << 20) / std::max<int64_t>(1, k * x.element_size())) / 64 * 64);
+  at::Tensor buf = at::empty({std::min(tile, n), k}, x.options());
+  dispatch_float_types(x.scalar_type(), "quant_linear_prefill", [&]<typename T>() {
+    auto kernel = MG_ISA_CALL(dequantize_channels<T>);
+    for (int64_t n0 = 0; n0 < n; n0 += tile) {
+      const int64_t nt = std::min(tile, n - n0);
+      T* b = ptr<T>(buf);
+      at::parallel_for(n0, n0 + nt, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)),
+                       [&](int64_t s, int64_t e) { kernel(int(fmt), w, s, e, b, n0, kNF4Codebook); });
+      at::Tensor part = at::mm(x, buf.narrow(0, 0, nt).t());
+      y.narrow(1, n0, nt).copy_(part);
+    }
+  });
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(x.scalar_type()));
+  return y;
+}
+
 }  // namespace minigpt::cpu
 
 TORCH_LIBRARY_FRAGMENT(minigpt, m) {
+  m.def("quant_linear_prefill(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int fmt, int block) -> Tensor");
   m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int fmt, int block) -> Tensor");
+  m.def("quant_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, int fmt, int block, int k, ScalarType dtype) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(minigpt, CPU, m) { m.impl("quant_linear", &minigpt::cpu::quant_linear_float); }
+TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
+  m.impl("quant_linear", &minigpt::cpu::quant_linear_float);
+  m.impl("quant_dequantize", &minigpt::cpu::quant_dequantize);
+  m.impl("quant_linear_prefill", &minigpt::cpu::quant_linear_prefill);
+}

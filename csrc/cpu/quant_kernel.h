@@ -248,3 +248,45 @@ inline void quant_linear_channels(int fmt, const float* x, int64_t m, const Quan
     quant_linear_rows<kTileChannels>(fmt, x, m, w, n0, bias, y, codebook);
   for (; n0 < n_end; ++n0) quant_linear_rows<1>(fmt, x, m, w, n0, bias, y, codebook);
 }
+
+// Dequantize output channels [n_begin, n_end) into rows of `out` (type T, row
+// stride K; channel n goes to row n - out_row0): the prefill path (many
+// activation rows) multiplies them with a float GEMM.
+template <typename T>
+void dequantize_channels(int fmt, const QuantWeightView& w, int64_t n_begin, int64_t n_end, T* out,
+                         int64_t out_row0, const float* codebook) {
+  const int64_t k = w.k;
+  const Nf4Table tab(codebook);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    T* o = out + (n - out_row0) * k;
+    if (fmt == 0) {
+      const int8_t* q = static_cast<const int8_t*>(w.q) + n * k;
+      const Vec s = Vec::set1(w.scale_f[n]);
+      int64_t i = 0;
+      for (; i + Vec::N <= k; i += Vec::N) (load_i8(q + i) * s).store(o + i);
+      if (i < k) (load_i8_partial(q + i, int(k - i)) * s).store_partial(o + i, int(k - i));
+      continue;
+    }
+    const uint8_t* q = static_cast<const uint8_t*>(w.q) + n * (k / 2);
+    const int64_t blocks = k / w.block;
+    for (int64_t g = 0; g < blocks; ++g) {
+      Vec s, off;
+      if (fmt == 1) {
+        const float sc = to_f32(w.scale_bf[n * blocks + g]);
+        s = Vec::set1(sc);
+        off = Vec::set1(-float(w.zeros[n * blocks + g]) * sc);
+      } else {
+        s = Vec::set1(w.scale_f[n * blocks + g]);
+        off = Vec::zero();
+      }
+      for (int64_t r = g * w.block; r < (g + 1) * w.block; r += 32) {
+        Vec codes[kRunVecs];
+        if (fmt == 1)
+          load_run32<false>(q + r / 2, codes, tab);
+        else
+          load_run32<true>(q + r / 2, codes, tab);
+        for (int j = 0; j < kRunVecs; ++j) fmadd(codes[j], s, off).store(o + r + j * Vec::N);
+      }
+    }
+  }
+}

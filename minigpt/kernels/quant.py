@@ -54,7 +54,7 @@ register_op("quant_linear", ("cpp", "triton"))
 FORMATS = ("int8", "int4", "nf4")
 ACT_QUANT = (None, "int8")  # activation quantization options of quant_linear
 _FMT_CODE = {"int8": 0, "int4": 1, "nf4": 2}
-LARGE_M = 48  # rows above which dequantize + float GEMM beats the fused kernel
+LARGE_M = 48  # rows above which tile-dequantize + float GEMM beats the fused kernel
 
 
 @dataclass
@@ -170,8 +170,18 @@ def quant_linear(
         xr = x2 if act_quant is None else fake_quantize_rows_reference(x2).to(x2.dtype)
         y = quant_linear_reference(xr, weight.dequantize(), bias)
     elif chosen == "cpp" and act_quant is None and x2.shape[0] > LARGE_M:
-        # prefill: a float GEMM library reuses weights from cache far better
-        y = F.linear(x2, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+        # prefill: a float GEMM library reuses weights from cache far better; the
+        # C++ op decodes W tile by tile into a small buffer for at::mm
+        if torch.is_grad_enabled() and (
+            x2.requires_grad or (bias is not None and bias.requires_grad)
+        ):
+            b = None if bias is None else bias.to(x.dtype)
+            y = F.linear(x2, weight.dequantize(x.dtype), b)
+        else:
+            y = torch.ops.minigpt.quant_linear_prefill(
+                x2.contiguous(), weight.qweight, weight.scales, weight.zeros, bias,
+                _FMT_CODE[weight.fmt], weight.block,
+            )  # fmt: skip
     elif torch.is_grad_enabled() and x2.requires_grad:
         y = _QuantLinearFunction.apply(x2, weight, bias, chosen, act_quant is not None)
     else:
@@ -243,6 +253,14 @@ if cpp_available():
     @torch.library.register_fake("minigpt::quant_linear")
     def _quant_linear_fake(x, qweight, scales, zeros, bias, fmt, block):
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("minigpt::quant_linear_prefill")
+    def _quant_linear_prefill_fake(x, qweight, scales, zeros, bias, fmt, block):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("minigpt::quant_dequantize")
+    def _quant_dequantize_fake(qweight, scales, zeros, fmt, block, k, dtype):
+        return qweight.new_empty(qweight.shape[0], k, dtype=dtype)
 
     @torch.library.register_fake("minigpt::quant_linear_dynamic")
     def _quant_linear_dynamic_fake(x, qweight, scales, zeros, bias, fmt, block):
