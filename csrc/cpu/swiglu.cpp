@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <immintrin.h>
+#include <type_traits>
 
 #include "cpu/common.h"
 #include "cpu/isa.h"
@@ -45,6 +46,23 @@ size_t stream_threshold_bytes() {
 }
 
 bool stream_outputs(size_t out_bytes) { return out_bytes >= stream_threshold_bytes(); }
+
+// The AVX512-BF16 variants of the bfloat16 kernels (swiglu_kernel.h): only when
+// the AVX-512 kernels are the active ones and the CPU converts natively.
+// MINIGPT_NATIVE_BF16=0 turns them off (to compare, and to test the other path).
+bool native_bf16() {
+#if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
+  static const bool supported = [] {
+    const char* env = std::getenv("MINIGPT_NATIVE_BF16");
+    if (env && env[0] == '0') return false;
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_supports("avx512bf16"));
+  }();
+  return supported && active_isa() == Isa::AVX512;
+#else
+  return false;
+#endif
+}
 
 // How the kernel walks an input: `rows` rows of `n` contiguous elements,
 // `stride` elements apart. A contiguous tensor is one row of numel elements; a
@@ -91,6 +109,12 @@ at::Tensor swiglu_fwd(const at::Tensor& gate, const at::Tensor& up) {
   dispatch_float_types(gate.scalar_type(), "swiglu_fwd", [&]<typename T>() {
     auto kernel = stream_outputs(y.nbytes()) ? MG_ISA_CALL(swiglu_fwd_span<T, true>)
                                      : MG_ISA_CALL(swiglu_fwd_span<T, false>);
+#if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
+    if constexpr (std::is_same_v<T, BF16>)
+      if (native_bf16())
+        kernel = stream_outputs(y.nbytes()) ? avx512::swiglu_fwd_span_bf16_native<true>
+                                            : avx512::swiglu_fwd_span_bf16_native<false>;
+#endif
     const T* gp = ptr<const T>(gate);
     const T* up_ = ptr<const T>(up);
     T* yp = ptr<T>(y);
@@ -118,6 +142,12 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dy, const at::Te
   dispatch_float_types(gate.scalar_type(), "swiglu_bwd", [&]<typename T>() {
     auto kernel = stream_outputs(2 * dg.nbytes()) ? MG_ISA_CALL(swiglu_bwd_span<T, true>)
                                       : MG_ISA_CALL(swiglu_bwd_span<T, false>);
+#if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
+    if constexpr (std::is_same_v<T, BF16>)
+      if (native_bf16())
+        kernel = stream_outputs(2 * dg.nbytes()) ? avx512::swiglu_bwd_span_bf16_native<true>
+                                                 : avx512::swiglu_bwd_span_bf16_native<false>;
+#endif
     const T* dyp = ptr<const T>(dy);
     const T* gp = ptr<const T>(gate);
     const T* up_ = ptr<const T>(up);

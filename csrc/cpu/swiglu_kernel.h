@@ -117,3 +117,66 @@ void swiglu_bwd_span(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t 
   if (i < n) swiglu_bwd_vec<false>(dy + i, g + i, u + i, dg + i, du + i, int(n - i));
   if (STREAM) stream_fence();
 }
+
+// ---- bfloat16 with the CPU's own float32 -> bfloat16 conversion ---------------
+// Converting a vector to bfloat16 in software (Vec::store: round to nearest even
+// with integer ops and a NaN fix-up) costs about 8 instructions; with
+// AVX512-BF16 it is one (vcvtneps2bf16, same rounding; it flushes float32
+// denormals, below 1e-38, to zero). In bfloat16 these kernels are limited by
+// instructions rather than memory, so the forward and backward spans exist a
+// second time, compiled with that extension, and swiglu.cpp calls them when the
+// CPU has it (checked at run time; every function touching the instruction is
+// compiled for it, the rest of the library is not).
+#if defined(MG_ISA_AVX512)
+#define MG_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,bmi2,avx512bf16")))
+
+template <bool STREAM>
+MG_TARGET_AVX512_BF16 inline void put_bf16_native(BF16* p, Vec v, int n_partial) {
+  if (n_partial < Vec::N) return v.store_partial(p, n_partial);
+  const __m256i bits = (__m256i)_mm512_cvtneps_pbh(v.r);
+  if (STREAM)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bits);
+  else
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bits);
+}
+
+template <bool STREAM>
+MG_TARGET_AVX512_BF16 void swiglu_fwd_span_bf16_native(const BF16* g, const BF16* u, BF16* y,
+                                                        int64_t n) {
+  int64_t i = STREAM ? peel_to_alignment(y, n) : 0;
+  if (STREAM && i < n && !vector_aligned(y + i))
+    return swiglu_fwd_span_bf16_native<false>(g, u, y, n);
+  auto step = [&](int64_t at, int np, auto stream) {
+    Vec gv = load_n(g + at, np);
+    put_bf16_native<decltype(stream)::value>(y + at, gv * swiglu_sigmoid(gv) * load_n(u + at, np),
+                                             np);
+  };
+  if (i) step(0, int(i), std::false_type{});
+  for (; i + Vec::N <= n; i += Vec::N) step(i, Vec::N, std::bool_constant<STREAM>{});
+  if (i < n) step(i, int(n - i), std::false_type{});
+  if (STREAM) stream_fence();
+}
+
+template <bool STREAM>
+MG_TARGET_AVX512_BF16 void swiglu_bwd_span_bf16_native(const BF16* dy, const BF16* g,
+                                                        const BF16* u, BF16* dg, BF16* du,
+                                                        int64_t n) {
+  int64_t i = STREAM ? peel_to_alignment(dg, n) : 0;
+  if (STREAM && i < n && !(vector_aligned(dg + i) && vector_aligned(du + i)))
+    return swiglu_bwd_span_bf16_native<false>(dy, g, u, dg, du, n);
+  auto step = [&](int64_t at, int np, auto stream) {
+    constexpr bool S = decltype(stream)::value;
+    Vec d = load_n(dy + at, np), gv = load_n(g + at, np), uv = load_n(u + at, np);
+    Vec s = swiglu_sigmoid(gv);
+    Vec silu = gv * s;
+    put_bf16_native<S>(dg + at, d * uv * fmadd(silu, Vec::set1(1.0f) - s, s), np);
+    put_bf16_native<S>(du + at, d * silu, np);
+  };
+  if (i) step(0, int(i), std::false_type{});
+  for (; i + Vec::N <= n; i += Vec::N) step(i, Vec::N, std::bool_constant<STREAM>{});
+  if (i < n) step(i, int(n - i), std::false_type{});
+  if (STREAM) stream_fence();
+}
+#undef MG_TARGET_AVX512_BF16
+#endif
