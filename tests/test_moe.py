@@ -222,6 +222,60 @@ def test_expert_mlp_cpp_matches_per_token_reference(dtype, isa, k):
         assert_error_no_worse(g_ours[name], g_eager[name], g_ref[name], name=name, floor=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_mlp_triton_matches_per_token_reference(dtype):
+    # interpreter: small shapes; uneven groups, an empty expert, dropped assignments,
+    # rows and widths that are not multiples of the 32-wide tiles
+    n, d, f, e, k = 37, 24, 40, 6, 2
+    ids = uneven_ids(n, e, k, empty=(3,))
+    wgu, wd = expert_weights(e, d, f, dtype)
+    inputs = {"x": random_tensor((n, d), dtype), "expert_ids": ids, "weights": torch.rand(n, k)}
+    inputs |= {"w_gate_up": wgu, "w_down": wd}
+    dy = random_tensor((n, d))
+    ours, g_ours = _mlp_and_grads(lambda **kw: M.moe_expert_mlp(**kw, backend="triton"), inputs, dy)
+    f32 = {k: (v.float() if v.is_floating_point() else v) for k, v in inputs.items()}
+    ref, g_ref = _mlp_and_grads(R.moe_mlp_reference, f32, dy)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        for name in g_ref:
+            torch.testing.assert_close(g_ours[name], g_ref[name], atol=2e-5, rtol=2e-5)
+        return
+    # Triton's interpreter converts float32 -> bfloat16 by truncation, not round to
+    # nearest even as GPUs do (checked: half of random values differ by 1 ulp), so the
+    # chain of three rounded GEMM outputs drifts up to a few bf16 ulps (2^-8 relative)
+    # of the largest value: allow 3% of each tensor's max magnitude.
+    for name, got, want in [("y", ours, ref)] + [(k, g_ours[k], g_ref[k]) for k in g_ref]:
+        err = float((got.float() - want).abs().max())
+        assert err <= 0.03 * float(want.abs().max()), f"{name}: max error {err:.3g}"
+
+
+def test_triton_permute_unpermute_grouped_mm():
+    n, d, e, k = 29, 40, 5, 3
+    ids = uneven_ids(n, e, k, empty=(1,))
+    x = random_tensor((n, d))
+    xp, off, slot = M.moe_permute(x, ids, e, backend="triton")
+    rxp, roff, rslot = R.moe_permute_reference(x, ids, e)
+    assert torch.equal(xp, rxp) and torch.equal(off, roff) and torch.equal(slot, rslot)
+    check_op(
+        lambda y_perm, weights: M.moe_unpermute(y_perm, slot, weights, backend="triton"),
+        lambda y_perm, weights: R.moe_unpermute_reference(y_perm, slot, weights),
+        {"y_perm": random_tensor((xp.shape[0], d)), "weights": torch.rand(n, k)},
+        grads=("y_perm", "weights"),
+    )
+    check_op(
+        lambda x: M.moe_permute(x, ids, e, backend="triton")[0],
+        lambda x: R.moe_permute_reference(x, ids, e)[0],
+        {"x": x},
+        grads=("x",),
+    )
+    check_op(
+        lambda x, w: M.grouped_mm(x, w, off, backend="triton"),
+        lambda x, w: R.grouped_mm_reference(x, w, off),
+        {"x": random_tensor((xp.shape[0], 33), scale=0.3), "w": random_tensor((e, 45, 33))},
+        grads=("x", "w"),
+    )
+
+
 def test_expert_mlp_torch_backend_matches_reference():
     n, d, f, e, k = 19, 16, 24, 5, 2
     ids = uneven_ids(n, e, k, empty=(0, 3))

@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 for _op in ("moe_permute", "moe_unpermute", "grouped_mm", "moe_expert_mlp"):
-    register_op(_op, ("cpp",))
+    register_op(_op, ("cpp", "triton"))
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
