@@ -11,6 +11,10 @@ fp32 activations) is timed against, in the same run:
   kernel; weights packed by ``torch._convert_weight_to_int4pack_for_cpu``, scales
   and zeros as a (K/G, N, 2) tensor).
 
+The ``-dyn`` variants pass ``act_quant="int8"`` (activations rounded to int8
+per row, integer dot products with AVX512-VNNI). For M > 48 our op takes the
+prefill path (tile-wise dequantize + ``at::mm``).
+
 GB/s counts the packed weight bytes + metadata our kernel must read, to compare
 with ``test_copy_bandwidth`` (the machine's copy rate, measured in this file).
 """
@@ -26,6 +30,14 @@ from minigpt.kernels.quant import quant_linear, quantize_weight
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
 ROWS = [1, 16, 32, 128]
 FORMATS = [("int8", None), ("int4", 64), ("nf4", 64)]
+# bench variants: name -> (weight format, activation quantization)
+VARIANTS = {
+    "int8": ("int8", None),
+    "int4": ("int4", None),
+    "nf4": ("nf4", None),
+    "int8-dyn": ("int8", "int8"),
+    "int4-dyn": ("int4", "int8"),
+}
 
 
 @functools.cache
@@ -53,17 +65,18 @@ def test_copy_bandwidth(compare):
 
 # M=128 (prefill-sized) is measured at 4096x4096 only, to keep the file quick
 CASES = [
-    pytest.param(shape, fmt, m, id=f"{shape[0]}x{shape[1]}-{fmt}-{m}")
+    pytest.param(shape, variant, m, id=f"{shape[0]}x{shape[1]}-{variant}-{m}")
     for shape in SHAPES
-    for fmt, _ in FORMATS
+    for variant in VARIANTS
     for m in ROWS
     if m < 128 or shape == SHAPES[0]
 ]
 
 
-@pytest.mark.parametrize("shape,fmt,m", CASES)
-def test_quant_linear(compare, shape, fmt, m):
+@pytest.mark.parametrize("shape,variant,m", CASES)
+def test_quant_linear(compare, shape, variant, m):
     n, k = shape
+    fmt, act_quant = VARIANTS[variant]
     w, wb, quantized, t8, t4 = _weights(n, k)
     qw = quantized[fmt]
     x = torch.randn(m, k)
@@ -72,17 +85,18 @@ def test_quant_linear(compare, shape, fmt, m):
         "fp32_linear": lambda: F.linear(x, w),
         "bf16_linear": lambda: F.linear(xb, wb),
     }
-    # torch's int8/int4 kernels take seconds at M=128: compared for M <= 32 only
-    if fmt == "int8" and m <= 32:
+    # torch's int8/int4 kernels take ~0.1-0.5 s per call from M=32 on (an easy win
+    # for us that only slows the file down): compared for M <= 16 only
+    if variant == "int8" and m <= 16:
         competitors["torch_int8"] = lambda: torch._weight_int8pack_mm(x, *t8)
-    if fmt == "int4" and m <= 32:
+    if variant == "int4" and m <= 16:
         competitors["torch_int4"] = lambda: torch._weight_int4pack_mm_for_cpu(x, t4[0], 64, t4[1])
     compare.run(
-        lambda: quant_linear(x, qw),
+        lambda: quant_linear(x, qw, act_quant=act_quant),
         competitors,
         bytes_moved=qw.nbytes() + 4 * m * (k + n),
         flops=2 * m * n * k,
         rounds=10 if m >= 32 else 20,
-        fmt=fmt,
+        fmt=variant,
         shape=f"M={m} N={n} K={k}",
     )
