@@ -17,6 +17,21 @@
 // (T, or float32 for logits), bias (N,) of type T or null. One call computes output
 // columns [n0, n1), so threads split N.
 
+// Weight rows are short (K elements, often ~1 KB), so each 4-row block is only a few
+// hardware-prefetch streams long; asking for the block kPrefetchBlocks ahead keeps
+// DRAM busy across block boundaries. A prefetch never faults, even past the end.
+constexpr int64_t kPrefetchBlocks = 2;
+// (The address is formed as an integer: it may lie past the weights' allocation.)
+template <typename T>
+inline void gemv_prefetch(const T* base, int64_t offset) {
+#if defined(MG_ISA_AVX512) || defined(MG_ISA_AVX2)
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(base) + uintptr_t(offset) * sizeof(T);
+  _mm_prefetch(reinterpret_cast<const char*>(addr), _MM_HINT_T0);
+#else
+  (void)base, (void)offset;
+#endif
+}
+
 // Sum of the 4 accumulators of one output row, plus bias, rounded to O once.
 template <typename T, typename O>
 inline void gemv_store(float s, const T* bias, int64_t n, O* out) {
@@ -38,7 +53,10 @@ void gemv_rows(const T* x, int64_t M, int64_t K, const T* W, const T* bias, O* y
       for (; k + Vec::N <= K; k += Vec::N) {
         const Vec xv = Vec::load(xr + k);
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) acc[r] = fmadd(Vec::load(w0 + r * K + k), xv, acc[r]);
+        for (int r = 0; r < R; ++r) {
+          if (m == 0) gemv_prefetch(w0, (kPrefetchBlocks * R + r) * K + k);
+          acc[r] = fmadd(Vec::load(w0 + r * K + k), xv, acc[r]);
+        }
       }
       if (k < K) {
         const int left = int(K - k);
@@ -95,8 +113,10 @@ MG_GEMV_BF16_TARGET void gemv_rows_bf16dp(const BF16* x, int64_t M, int64_t K, c
         const int left = int(K - k);
         const __m512bh xv = gemv_load_bf16(xr + k, left);
 #pragma GCC unroll 4
-        for (int r = 0; r < R; ++r)
+        for (int r = 0; r < R; ++r) {
+          if (m == 0) gemv_prefetch(w0, (kPrefetchBlocks * R + r) * K + k);
           acc[r] = _mm512_dpbf16_ps(acc[r], gemv_load_bf16(w0 + r * K + k, left), xv);
+        }
       }
       for (int r = 0; r < R; ++r)
         gemv_store(_mm512_reduce_add_ps(acc[r]), bias, n + r, y + m * ldy + n + r);
