@@ -4,6 +4,7 @@ exact resume, and bad settings."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -127,8 +128,6 @@ def dpo_config(base, *overrides):
 
 
 def test_run_dpo_widens_the_margin_and_resumes_exactly(tmp_path):
-    import json
-
     base = make_base_run(tmp_path / "base")
     full = run_dpo(dpo_config(base), tmp_path / "full", **QUIET)
     # started at margin 0 (policy == reference); the training margin widens step after step
@@ -151,8 +150,6 @@ def test_run_dpo_widens_the_margin_and_resumes_exactly(tmp_path):
 
 
 def test_run_dpo_on_the_fly_reference_and_jsonl(tmp_path):
-    import json
-
     base = make_base_run(tmp_path / "base")
     data = tmp_path / "pairs.jsonl"
     recs = [
@@ -183,7 +180,21 @@ def test_on_policy_pairs_reject_the_models_own_mistakes():
     for p, r in zip(preds, records):
         assert r["rejected"] != r["chosen"]
         if p.strip() and p.strip() != r["chosen"]:
-            assert r["rejected"] == p.strip()
+            assert r["rejected"] == p.strip() and r["rejected_from"] == "model"
+        else:
+            assert r["rejected_from"] == "synthetic"
+
+
+def test_errors_only_keeps_the_models_mistakes(tmp_path):
+    from minigpt.train.dpo import PreferenceDataConfig, load_preference_data
+
+    tok = tiny_tokenizer()
+    model = tiny_model(tok.vocab_size).eval()
+    cfg = PreferenceDataConfig(num_examples=6, val_examples=2, tasks=["add"], errors_only=True)
+    train, val = load_preference_data(cfg, tmp_path, model, tok, print_fn=lambda s: None)
+    records = [json.loads(line) for line in (tmp_path / "pairs_train.jsonl").open()]
+    assert len(train) == len(records) >= 1 and len(val) == 2
+    assert all(r["rejected_from"] == "model" for r in records)
 
 
 def test_nll_term_adds_the_chosen_per_token_nll():

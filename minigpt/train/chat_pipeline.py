@@ -45,11 +45,17 @@ class PipelineConfig:
     """Budgets and sizes of the demo (minutes are wall time of each training stage).
 
     Attributes:
-        pretrain_minutes, sft_minutes, dpo_minutes: wall-time budgets.
+        pretrain_minutes, sft_minutes, dpo_minutes: wall-time budgets (DPO also
+            stops after ``dpo_steps``: more overfits its pairs).
+        sft_examples: training conversations.
+        dpo_examples: training prompts the SFT model answers; its wrong answers
+            become the rejected replies (``errors_only``: only those pairs are kept).
         task_docs: plain-text task documents (8 question-answer pairs each) in the
             pretraining corpus.
         english_chars: characters of Shakespeare in the pretraining corpus.
         eval_per_task: held-out examples per task in each evaluation.
+        d_model, n_layer, vocab_size: model and tokenizer size.
+        dpo_beta, dpo_lr, dpo_nll_weight: the DPO stage (see docs/dpo.md).
         threads: torch threads.
     """
 
@@ -59,8 +65,9 @@ class PipelineConfig:
     task_docs: int = 6000
     english_chars: int = 2_000_000
     sft_examples: int = 12000
-    dpo_examples: int = 3000
-    eval_per_task: int = 50
+    dpo_examples: int = 6000
+    dpo_steps: int = 175
+    eval_per_task: int = 200
     d_model: int = 128
     n_layer: int = 4
     vocab_size: int = 2048
@@ -187,8 +194,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, print_fn=print) -> dict[s
             "data.max_len=96",
             f"dpo.beta={cfg.dpo_beta}",
             f"dpo.nll_weight={cfg.dpo_nll_weight}",
+            "data.errors_only=true",
             "train.batch_size=16",
-            "train.max_steps=100000",
+            f"train.max_steps={cfg.dpo_steps}",
             f"train.time_budget_s={cfg.dpo_minutes * 60}",
             "train.eval_every_steps=0",
             "train.eval_every_s=60",

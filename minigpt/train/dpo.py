@@ -91,10 +91,17 @@ class DPOSettings:
 
 @dataclass
 class PreferenceDataConfig(ChatDataConfig):
-    """:class:`ChatDataConfig` plus ``on_policy`` (synthetic: reject the model's own errors)."""
+    """:class:`ChatDataConfig` plus the synthetic pair options.
+
+    Attributes:
+        on_policy: reject the starting model's own wrong answers (see module docstring).
+        errors_only: with ``on_policy``, train only on the prompts the model gets
+            wrong (``num_examples`` prompts are answered; the pairs are its mistakes).
+    """
 
     num_examples: int = 2000
     on_policy: bool = True
+    errors_only: bool = False
 
 
 def _default_train() -> TrainConfig:
@@ -357,12 +364,13 @@ def synthetic_pairs(cfg: PreferenceDataConfig, split: str, n: int, model=None, t
     records, own = [], 0
     for e, pred in zip(examples, predictions):
         if pred is not None and pred.strip() and pred.strip() != e.answer:
-            rejected, own = pred.strip(), own + 1
+            rejected, source, own = pred.strip(), "model", own + 1
         else:
-            rejected = wrong_answer(e, rng)
+            rejected, source = wrong_answer(e, rng), "synthetic"
         records.append(
-            {"prompt": e.prompt, "chosen": e.answer, "rejected": rejected, "task": e.task}
-        )
+            {"prompt": e.prompt, "chosen": e.answer, "rejected": rejected, "task": e.task,
+             "rejected_from": source}
+        )  # fmt: skip
     return records, own
 
 
@@ -381,9 +389,13 @@ def load_preference_data(cfg: PreferenceDataConfig, out: Path, model, tokenizer,
             records, own = synthetic_pairs(
                 cfg, split, n, model if cfg.on_policy else None, tokenizer
             )
-            write_jsonl(path, records)
             if cfg.on_policy:
                 print_fn(f"{name} pairs: the model's own wrong answer is rejected in {own}/{n}")
+            if cfg.on_policy and cfg.errors_only and split == "train":
+                records = [r for r in records if r["rejected_from"] == "model"]
+                if not records:
+                    raise ValueError("errors_only: the model answered every training prompt right")
+            write_jsonl(path, records)
         splits[name] = load_preferences(path)
     return splits["train"], splits["val"]
 
