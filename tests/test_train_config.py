@@ -93,8 +93,14 @@ def test_resolved_config_round_trips(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert configs, "configs/*.yaml missing"
+    # the SFT / DPO stages' configs (sft*.yaml, dpo*.yaml) have their own sections
+    # and are loaded by those stages' tests; every other shipped config is pretraining
+    configs = [
+        p
+        for p in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+        if not p.name.startswith(("sft", "dpo"))
+    ]
+    assert len(configs) >= 2, "configs/pretrain*.yaml missing"
     for path in configs:
         load_config(PretrainConfig, path)
 
