@@ -28,6 +28,7 @@ fraction of a second).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,11 @@ def quant_linear(
     Returns:
         (..., N) tensor of x's dtype, accumulated in float32.
     """
+    if backend is None and _decode_fast_path_ok(x, weight, bias, act_quant):
+        # decode hot path (one call per linear layer per token): the argument
+        # checks below cost several times the kernel for small layers
+        y = _fused(x.reshape(-1, weight.shape[1]), weight, bias, "cpp", act_quant is not None)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     check_tensor(x, "x", min_ndim=1)
     if not isinstance(weight, QuantizedWeight):
         raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
@@ -187,6 +193,33 @@ def quant_linear(
     else:
         y = _fused(x2, weight, bias, chosen, act_quant is not None)
     return y.reshape(*lead, n)
+
+
+_FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _decode_fast_path_ok(x, weight, bias, act_quant) -> bool:
+    """True when the call is certainly valid for the C++ decode kernel as it stands:
+    CPU, no autograd, few rows, default backend, shapes and dtypes that match."""
+    return (
+        type(x) is torch.Tensor
+        and type(weight) is QuantizedWeight
+        and x.device.type == "cpu"
+        and x.dtype in _FAST_DTYPES
+        and x.dim() >= 1
+        and x.is_contiguous()
+        and x.shape[-1] == weight.shape[1]
+        and x.numel() <= LARGE_M * weight.shape[1]
+        and x.numel() > 0
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and weight.qweight.device.type == "cpu"
+        and (act_quant is None or (act_quant == "int8" and weight.fmt != "nf4"))
+        and (bias is None or (type(bias) is torch.Tensor and bias.dim() == 1 and
+                              bias.shape[0] == weight.shape[0] and bias.is_floating_point() and
+                              bias.device.type == "cpu" and not bias.requires_grad))
+        and not os.environ.get("MINIGPT_BACKEND")
+        and cpp_available()
+    )  # fmt: skip
 
 
 def _fused(
