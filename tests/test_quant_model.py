@@ -196,3 +196,17 @@ def test_docs_chapter_code_runs():
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"quantization.md[block {i}]", "exec"), namespace)
+
+
+def test_act_quant_survives_save_load(tmp_path):
+    torch.manual_seed(0)
+    model = _tiny_gpt()
+    quantize_(model, Int4WeightOnly(64, act_quant="int8")).eval()
+    assert model.blocks[0].mlp.down_proj.act_quant == "int8"
+    idx = torch.randint(0, 256, (1, 7))
+    save_quantized(model, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert loaded.blocks[0].mlp.down_proj.act_quant == "int8"
+    torch.testing.assert_close(loaded(idx), model(idx))
+    with pytest.raises(ValueError, match="act_quant"):
+        Int8WeightOnly(act_quant="int4")
