@@ -3,6 +3,7 @@ penalties, stops, streaming, context limits and beam search (against brute force
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -177,17 +178,21 @@ def test_beam_search_stop_tokens_and_early_stopping():
             assert out.tokens[-1] in (0, 1)
 
 
+@pytest.mark.parametrize("bias", [False, True])  # all layers in one C++ call / Python loop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_decode_step_matches_the_model(dtype):
+def test_fast_decode_step_matches_the_model(dtype, bias):
     from minigpt.infer import prefill
     from minigpt.infer.fast_decode import DecodeStep, decoder_for
 
     model = tiny_model().to(dtype)
+    if bias:
+        torch.manual_seed(1)
+        model = GPT(dataclasses.replace(model.config, bias=True)).eval().to(dtype)
     rows = [[1, 2, 3, 4, 5], [7, 8]]  # different lengths: per-row positions
     slow_cache, _ = prefill(model, rows, 16)
     fast_cache, _ = prefill(model, rows, 16)
     fast = decoder_for(model, fast_cache)
-    assert isinstance(fast, DecodeStep)
+    assert isinstance(fast, DecodeStep) and (fast.in_cpp is None) == bias
     tokens = torch.tensor([11, 12])
     for _ in range(4):
         with torch.no_grad():

@@ -87,6 +87,16 @@ class DecodeStep:
         ]
         self.final_norm = (model.final_norm.weight, model.final_norm.eps)
         self.lm_head = model.lm_head
+        # all layers in one C++ call (gemv_decode_layers) when every projection is a
+        # plain bias-free nn.Linear and every norm has one eps: no per-op Python cost
+        linears = [lin for layer in self.layers for lin in (layer[2], layer[3], *layer[6:])]
+        eps = {layer[1] for layer in self.layers} | {layer[5] for layer in self.layers}
+        self.in_cpp = None
+        if all(type(lin) is nn.Linear and lin.bias is None for lin in linears) and len(eps) == 1:
+            self.in_cpp = tuple(
+                [layer[j].weight if j in (2, 3, 6, 7) else layer[j] for layer in self.layers]
+                for j in (0, 2, 3, 4, 6, 7)
+            ) + (eps.pop(),)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -130,6 +140,12 @@ class DecodeStep:
         cos = self.cos.index_select(0, seqlens)[:, None]  # (B, 1, D/2)
         sin = self.sin.index_select(0, seqlens)[:, None]
         h = self.embed.index_select(0, tokens)  # (B, d) residual stream
+        if self.in_cpp is not None and B <= MAX_GEMV_ROWS:
+            *weights, eps = self.in_cpp
+            delta, h = ops.gemv_decode_layers(
+                h, *weights, cache.k, cache.v, seqlens, cos, sin, H, Hkv, D, eps, self.scale
+            )
+            return self._head(delta, h, seqlens)
         delta = None
         for i, (w1, eps1, qkv_proj, o_proj, w2, eps2, up_proj, down_proj) in enumerate(self.layers):
             if delta is None:
@@ -145,7 +161,11 @@ class DecodeStep:
             x, h, _ = ops.rms_norm_fwd(_linear(o_proj, y.view(B, H * D)), h, w2, eps2)
             gate_up = _linear(up_proj, x)
             delta = _linear(down_proj, ops.swiglu_fwd(gate_up[:, :F], gate_up[:, F:]))
-        x = ops.rms_norm_fwd(delta, h, *self.final_norm)[0]
+        return self._head(delta, h, seqlens)
+
+    def _head(self, delta: torch.Tensor, h: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+        """Final add+norm and the LM head; advances the cache by one token."""
+        x = torch.ops.minigpt.rms_norm_fwd(delta, h, *self.final_norm)[0]
         seqlens += 1
         head = self.lm_head
         if type(head) is nn.Linear:
