@@ -21,6 +21,7 @@ from minigpt.kernels._backend import (
     triton_available,
 )
 from minigpt.kernels.attention import attention, attention_varlen, attention_with_kv_cache
+from minigpt.kernels.linear import linear
 from minigpt.kernels.linear_cross_entropy import linear_cross_entropy
 from minigpt.kernels.moe import grouped_mm, moe_expert_mlp, moe_permute, moe_unpermute
 from minigpt.kernels.quant import QuantizedWeight, quant_linear, quantize_weight
@@ -39,6 +40,7 @@ __all__ = [
     "cpu_isa",
     "force_cpu_isa",
     "info",
+    "linear",
     "linear_cross_entropy",
     "grouped_mm",
     "moe_expert_mlp",
