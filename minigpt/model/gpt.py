@@ -9,6 +9,10 @@ Pre-norm blocks keep an un-normalized "residual stream" ``h`` that every
 sub-layer reads (through a norm) and adds to. The add and the next norm are one
 fused kernel: ``norm(delta, h)`` returns ``(norm(h + delta), h + delta)``.
 
+Packed rows (several documents concatenated, e.g. short chat conversations) pass
+``cu_seqlens``: attention then stays inside each document (``attention_varlen``)
+and positions restart at 0 at every document start.
+
 Training with ``targets`` returns the loss, computed by the fused
 ``linear_cross_entropy`` kernel, which never builds the (B*T, vocab) logits.
 """
@@ -105,7 +109,7 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = make_mlp(config, layer)
 
-    def forward(self, h, delta, rope=None, cache=None):
+    def forward(self, h, delta, rope=None, cache=None, packed=None):
         """Add the previous layer's pending output ``delta`` to ``h``, run this layer.
 
         Returns ``(h, mlp_out)``: the MLP output is left pending so that the next
@@ -117,7 +121,7 @@ class Block(nn.Module):
             x, h = self.attn_norm(delta.to(h.dtype), h)
         # under autocast the sub-layers return bf16/fp16 while the residual stream
         # stays in the parameters' dtype (float32): add in the stream's precision
-        x, h = self.mlp_norm(self.attn(x, rope, cache).to(h.dtype), h)
+        x, h = self.mlp_norm(self.attn(x, rope, cache, packed).to(h.dtype), h)
         return h, self.mlp(x)
 
 
@@ -189,14 +193,63 @@ class GPT(nn.Module):
                 )
         return positions
 
+    def _packing(
+        self, idx: torch.Tensor, cu_seqlens: torch.Tensor, kv_cache, positions
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
+        """Check ``cu_seqlens`` against idx (B, T); return (positions (B, T), (cu, max_len))."""
+        if kv_cache is not None or positions is not None:
+            raise ValueError(
+                "cu_seqlens (packed documents) cannot be combined with kv_cache or positions "
+                "(packing is for training and scoring; positions are derived from cu_seqlens)"
+            )
+        B, T = idx.shape
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+            raise TypeError("cu_seqlens must be a 1-D integer tensor of document offsets")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+            raise TypeError(
+                f"cu_seqlens must be an int32/int64 tensor (n_docs + 1,) >= 2 entries, got "
+                f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+            )
+        cu = cu_seqlens.to(idx.device, torch.long)
+        lengths = cu[1:] - cu[:-1]
+        if not torch.compiler.is_compiling():
+            if int(cu[0]) != 0 or int(cu[-1]) != B * T:
+                raise ValueError(
+                    f"cu_seqlens must start at 0 and end at B*T = {B * T} (every token, "
+                    f"padding included, belongs to a document), got {int(cu[0])}..{int(cu[-1])}"
+                )
+            if bool((lengths <= 0).any()):
+                raise ValueError("cu_seqlens must be strictly increasing (no empty documents)")
+            row_starts = torch.arange(0, B * T, T, device=cu.device)
+            if not bool(torch.isin(row_starts, cu).all()):
+                raise ValueError(
+                    f"cu_seqlens must have a boundary at every row start (multiples of T = {T}): "
+                    "a document may not continue into the next row"
+                )
+        # each token's position = its index minus the start of its document
+        starts = torch.repeat_interleave(cu[:-1], lengths, output_size=B * T)
+        pos = (torch.arange(B * T, device=cu.device) - starts).view(B, T)
+        return pos, (cu, int(lengths.max()))
+
     def hidden_states(
-        self, idx: torch.Tensor, *, kv_cache=None, positions: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        *,
+        kv_cache=None,
+        positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The final-normed hidden states (B, T, d_model) that the LM head reads.
 
         With ``kv_cache`` (see :class:`minigpt.infer.KVCache`) the tokens continue
         each row's cached sequence and their keys/values are appended; the cache's
         ``seqlens`` then grow by T.
+
+        With ``cu_seqlens`` (n_docs + 1,) int, the rows pack several documents:
+        document j is flat tokens ``cu_seqlens[j]:cu_seqlens[j+1]`` of ``idx.view(-1)``
+        (offsets start at 0, end at B*T, and include every row start; row padding is
+        a document of its own). Each document is computed exactly as if it were
+        alone: attention never crosses a boundary and positions restart at 0.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.long, torch.int32, torch.int64):
             raise ValueError(f"idx must be a (B, T) integer tensor, got {idx.dtype} {idx.shape}")
@@ -206,6 +259,9 @@ class GPT(nn.Module):
                 raise ValueError(
                     f"token ids must be in [0, {self.config.vocab_size}), got {lo}..{hi}"
                 )
+        packed = None
+        if cu_seqlens is not None:
+            positions, packed = self._packing(idx, cu_seqlens, kv_cache, positions)
         pos = self._positions(idx, kv_cache, positions)
         h = self.embed(idx)
         rope = None
@@ -220,9 +276,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], kv_cache.seqlens)
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h, delta = checkpoint(block, h, delta, rope, cache, use_reentrant=False)
+                h, delta = checkpoint(block, h, delta, rope, cache, packed, use_reentrant=False)
             else:
-                h, delta = block(h, delta, rope, cache)
+                h, delta = block(h, delta, rope, cache, packed)
         if kv_cache is not None:
             kv_cache.seqlens += idx.shape[1]
         if delta is None:  # n_layer == 0 cannot happen, but keep the code honest
@@ -237,6 +293,7 @@ class GPT(nn.Module):
         *,
         kv_cache=None,
         positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) of the next token at every position, or the loss.
 
@@ -247,8 +304,10 @@ class GPT(nn.Module):
             kv_cache: optional decode cache; see :meth:`hidden_states`.
             positions: optional (T,) or (B, T) positions (default 0..T-1, or after
                 the cached tokens).
+            cu_seqlens: optional (n_docs + 1,) offsets of documents packed into the
+                rows (see :meth:`hidden_states`); labels must not predict across them.
         """
-        x = self.hidden_states(idx, kv_cache=kv_cache, positions=positions)
+        x = self.hidden_states(idx, kv_cache=kv_cache, positions=positions, cu_seqlens=cu_seqlens)
         if targets is None:
             return self.lm_head(x)
         if targets.shape != idx.shape:

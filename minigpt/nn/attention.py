@@ -3,9 +3,11 @@
 Layout everywhere: (batch, seq, heads, head_dim) -- "BTHD" -- the layout of the
 fused kernels in :mod:`minigpt.kernels`, which do the math here: ``rope``,
 ``attention`` (flash attention, training and prefill) and
-``attention_with_kv_cache`` (decoding). The plain-torch ``*_torch`` versions
-below compute the same thing through ``F.scaled_dot_product_attention``; they
-are kept as readable references and as competitors in the benchmarks.
+``attention_with_kv_cache`` (decoding), and ``attention_varlen`` for rows that
+pack several documents (each token attends only within its own document). The
+plain-torch ``*_torch`` versions below compute the same thing through
+``F.scaled_dot_product_attention``; they are kept as readable references and as
+competitors in the benchmarks.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt.kernels import attention, attention_with_kv_cache, rope
+from minigpt.kernels import attention, attention_varlen, attention_with_kv_cache, rope
 
 # ---- attention -------------------------------------------------------------------------
 
@@ -123,6 +125,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        packed: tuple[torch.Tensor, int] | None = None,
     ) -> torch.Tensor:
         """Attend over ``x`` (B, T, d_model) -> (B, T, d_model).
 
@@ -130,6 +133,9 @@ class CausalSelfAttention(nn.Module):
         float32 (see :func:`minigpt.kernels.rope_cos_sin`), or None (no RoPE).
         ``cache``: (k_cache, v_cache, seqlens) of this layer while decoding: the new
         keys/values are appended and the queries also attend to the cached past.
+        ``packed``: (cu_seqlens, max_seqlen) when the rows pack several documents:
+        ``cu_seqlens`` (n_docs + 1,) int offsets over the flattened B*T tokens; attention
+        is causal within each document and never crosses into another.
         """
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
@@ -137,7 +143,20 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if rope_tables is not None:
             q, k = rope(q, k, *rope_tables)
-        if cache is None:
+        if packed is not None:
+            cu_seqlens, max_seqlen = packed
+            flat = (B * T, -1, D)
+            y = attention_varlen(
+                q.reshape(flat),
+                k.reshape(flat),
+                v.reshape(flat),
+                cu_seqlens,
+                cu_seqlens,
+                max_seqlen,
+                max_seqlen,
+                causal=True,
+            )
+        elif cache is None:
             y = attention(q, k, v, causal=True)
         else:
             k_cache, v_cache, seqlens = cache
