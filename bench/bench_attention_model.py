@@ -89,7 +89,7 @@ def test_train_tokens_per_s_by_attention_backend(compare, benchmark, precision):
     extra = compare.run(
         ours,
         steps,
-        rounds=1 if benchmark.disabled else 5,
+        rounds=1 if benchmark.disabled else 3,
         warmup=1,
         params_M=round(n_params / 1e6, 2),
         precision=precision,

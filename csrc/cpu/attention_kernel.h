@@ -416,21 +416,35 @@ void attn_decode_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int6
   }
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kAttnBlockK) {
     const int64_t n = mg_min(kAttnBlockK, k_end - k0);
-    attn_pack_rows(k + k0 * k_stride, k_stride, n, d, dp, 1.0f, kc);
-    attn_pack_rows(v + k0 * k_stride, k_stride, n, d, dp, 1.0f, vc);
+    // float32 caches with a whole number of vectors per row are read in place; other
+    // dtypes (or padded head dims) are widened into kc / vc first
+    const float* kb = kc;
+    const float* vb = vc;
+    int64_t kld = dp;
+    if constexpr (sizeof(T) == sizeof(float)) {
+      if (d == dp) {
+        kb = reinterpret_cast<const float*>(k + k0 * k_stride);
+        vb = reinterpret_cast<const float*>(v + k0 * k_stride);
+        kld = k_stride;
+      }
+    }
+    if (kb == kc) {
+      attn_pack_rows(k + k0 * k_stride, k_stride, n, d, dp, 1.0f, kc);
+      attn_pack_rows(v + k0 * k_stride, k_stride, n, d, dp, 1.0f, vc);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const float* qr = Q + r * dp;
       float* s = S + r * kAttnBlockK;
       int64_t j = 0;
       for (; j + 4 <= n; j += 4) {  // 4 keys at a time: 4 independent FMA chains
-        const float* k0p = kc + j * dp;
+        const float* k0p = kb + j * kld;
         Vec a0 = Vec::zero(), a1 = Vec::zero(), a2 = Vec::zero(), a3 = Vec::zero();
         for (int64_t dd = 0; dd < dp; dd += Vec::N) {
           const Vec x = Vec::load(qr + dd);
           a0 = fmadd(x, Vec::load(k0p + dd), a0);
-          a1 = fmadd(x, Vec::load(k0p + dp + dd), a1);
-          a2 = fmadd(x, Vec::load(k0p + 2 * dp + dd), a2);
-          a3 = fmadd(x, Vec::load(k0p + 3 * dp + dd), a3);
+          a1 = fmadd(x, Vec::load(k0p + kld + dd), a1);
+          a2 = fmadd(x, Vec::load(k0p + 2 * kld + dd), a2);
+          a3 = fmadd(x, Vec::load(k0p + 3 * kld + dd), a3);
         }
         s[j] = a0.reduce_add();
         s[j + 1] = a1.reduce_add();
@@ -439,7 +453,7 @@ void attn_decode_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int6
       }
       for (; j < n; ++j) {
         Vec a = Vec::zero();
-        for (int64_t dd = 0; dd < dp; dd += Vec::N) a = fmadd(Vec::load(qr + dd), Vec::load(kc + j * dp + dd), a);
+        for (int64_t dd = 0; dd < dp; dd += Vec::N) a = fmadd(Vec::load(qr + dd), Vec::load(kb + j * kld + dd), a);
         s[j] = a.reduce_add();
       }
       int64_t lo, hi;
@@ -447,7 +461,7 @@ void attn_decode_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int6
       mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
     }
     online_softmax(S, rows, m, l, O, dp);
-    pv_block(O, dp, S, kAttnBlockK, 1, rows, n, vc, dp, dp);
+    pv_block(O, dp, S, kAttnBlockK, 1, rows, n, vb, kld, dp);
   }
   for (int64_t g = 0; g < group; ++g)
     for (int64_t t = 0; t < q_len; ++t) {
