@@ -13,12 +13,14 @@ Competitors, timed in the same run:
   Goal: ``speedup_vs_loop`` >= 1.5 at E = 32 and 64.
 
 ``test_moe_peak_memory`` measures the peak resident memory one fwd+bwd adds, in a
-fresh subprocess each (ours vs loop). With ``--benchmark-disable`` (the CI smoke
-run) the problems shrink (256 tokens, d=64, expert width 128) so the file
-finishes in seconds.
+fresh subprocess each (ours vs loop; ours also with the C++ output pool off,
+since the pool keeps freed blocks resident for reuse by the next step). With
+``--benchmark-disable`` (the CI smoke run) the problems shrink (256 tokens,
+d=64, expert width 128) so the file finishes in seconds.
 """
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -125,13 +127,17 @@ _MEM_SCRIPT = textwrap.dedent(
 )
 
 
-def _peak_extra_kib(which: str, n_tokens: int, n_experts: int) -> int:
+def _peak_extra_kib(which: str, n_tokens: int, n_experts: int, pool: bool = True) -> int:
+    env = dict(os.environ)
+    if not pool:  # the C++ output pool keeps freed blocks resident (see output_pool.h)
+        env["MINIGPT_CPU_POOL_MB"] = "0"
     proc = subprocess.run(
         [sys.executable, "-c", _MEM_SCRIPT, which, str(n_tokens), str(n_experts)],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=__file__.rsplit("/", 1)[0],
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["extra_kib"]
@@ -142,9 +148,16 @@ def test_moe_peak_memory(benchmark):
     smoke = getattr(benchmark, "disabled", False)
     n_tokens, n_experts = (256, 8) if smoke else (4096, 32)
     ours = _peak_extra_kib("ours", n_tokens, n_experts)
+    ours_no_pool = _peak_extra_kib("ours", n_tokens, n_experts, pool=False)
     loop = _peak_extra_kib("loop", n_tokens, n_experts)
     benchmark.extra_info.update(
-        {"ours_extra_KiB": ours, "loop_extra_KiB": loop, "loop_over_ours": round(loop / ours, 2)}
+        {
+            "ours_extra_KiB": ours,
+            "ours_pool_off_extra_KiB": ours_no_pool,
+            "loop_extra_KiB": loop,
+            "loop_over_ours": round(loop / ours, 2),
+            "loop_over_ours_pool_off": round(loop / ours_no_pool, 2),
+        }
     )
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     assert ours > 0, "peak memory was not measured"

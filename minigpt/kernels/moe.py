@@ -327,8 +327,11 @@ class _GroupedMMFunction(torch.autograd.Function):
 class _ExpertMLPFunction(torch.autograd.Function):
     """permute -> grouped GEMM -> SwiGLU -> grouped GEMM -> weighted unpermute, fused.
 
-    Saved for backward: x_perm (M, d), gate_up (M, 2F), y_perm (M, d) and the
-    index tensors. The SwiGLU output h (M, F) is recomputed instead of stored.
+    Kept for backward: x_perm (M, d), gate_up (M, 2F), y_perm (M, d) and the index
+    tensors. The SwiGLU output h (M, F) is recomputed instead of stored. The
+    intermediates live on ``ctx`` (not ``save_for_backward``) so that the backward
+    can free each one as soon as it is used, which lowers the peak memory; the
+    price is that the backward can run only once (no ``retain_graph`` reuse).
     """
 
     @staticmethod
@@ -339,12 +342,20 @@ class _ExpertMLPFunction(torch.autograd.Function):
         y_perm = kern.gmm_fwd(kern.swiglu_fwd(gate_up), w_down, offsets)
         y = kern.unpermute_fwd(y_perm, slot_of, weights)
         ctx.backend = backend
-        ctx.save_for_backward(x_perm, gate_up, y_perm, offsets, slot_of, weights, w_gate_up, w_down)
+        ctx.save_for_backward(weights, w_gate_up, w_down)
+        ctx.inner = [x_perm, gate_up, y_perm, offsets, slot_of]
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x_perm, gate_up, y_perm, offsets, slot_of, weights, w_gate_up, w_down = ctx.saved_tensors
+        weights, w_gate_up, w_down = ctx.saved_tensors
+        if ctx.inner is None:
+            raise RuntimeError(
+                "moe_expert_mlp: backward ran twice through the same graph; its saved "
+                "activations are freed after the first (retain_graph is not supported)"
+            )
+        x_perm, gate_up, y_perm, offsets, slot_of = ctx.inner
+        ctx.inner = None  # from here on, each `del` really frees its tensor
         need_x, _, need_w, need_gu, need_down, _ = ctx.needs_input_grad
         kern = _kernels(ctx.backend)
         dy_perm, dweights = kern.unpermute_bwd(dy.contiguous(), y_perm, slot_of, weights)
@@ -353,11 +364,9 @@ class _ExpertMLPFunction(torch.autograd.Function):
         dh, dw_down = kern.gmm_bwd(dy_perm, h, w_down, offsets, True, need_down)
         del h, dy_perm
         dgate_up = kern.swiglu_bwd(dh, gate_up)
-        del dh
-        need_dx_perm = need_x
-        dx_perm, dw_gate_up = kern.gmm_bwd(
-            dgate_up, x_perm, w_gate_up, offsets, need_dx_perm, need_gu
-        )
+        del dh, gate_up
+        dx_perm, dw_gate_up = kern.gmm_bwd(dgate_up, x_perm, w_gate_up, offsets, need_x, need_gu)
+        del dgate_up, x_perm
         dx = kern.permute_bwd(dx_perm, slot_of) if need_x else None
         return (
             dx,
