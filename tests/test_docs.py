@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-RUNNABLE = ["kernels.md", "attention.md", "how_a_gpt_works.md", "decoding.md"]
+RUNNABLE = ["kernels.md", "attention.md", "how_a_gpt_works.md", "decoding.md", "moe.md"]
 
 
 def python_blocks(text: str) -> list[str]:
