@@ -19,14 +19,19 @@ and ``labels = ids[1:]``, where every label that is *not* an assistant token is
 replaced by ``-100`` (the ignore index of the loss). The model still *reads*
 the system and user turns; it is only graded on what the assistant says.
 
-**Batching ("packing" into separate rows).** The model has no document mask
-(its attention is plain causal over a row), so two conversations concatenated
-in one row would let the second attend to the first. Instead,
+**Batching, two ways.** (1) One conversation per row:
 :func:`pack_by_length` groups conversations of similar length into batches,
-one conversation per row, right-padded to the longest in the batch: nothing
-crosses a conversation boundary, and sorting by length keeps the padding small
-(padding sits after the real tokens, so causal attention never reads it, and
-its labels are -100 so it costs no loss).
+right-padded to the longest in the batch (padding sits after the real tokens,
+so causal attention never reads it, and its labels are -100 so it costs no
+loss). (2) **Packing** (``ChatBatches(..., pack_len=L)``): :func:`pack_examples`
+fits several whole conversations into each row of L tokens and
+:func:`packed_batch` returns ``(input_ids, labels, cu_seqlens)``, where
+``cu_seqlens`` marks where each conversation starts in the flattened batch. The
+model (``GPT(x, y, cu_seqlens=...)``) then masks attention per conversation and
+restarts positions at 0, so each conversation is computed exactly as if it were
+alone -- with far less padding. Labels never cross a boundary: each
+conversation's labels are its own shifted tokens, so the last position of one
+conversation predicts its own last token, never the next conversation's first.
 """
 
 from __future__ import annotations
@@ -298,6 +303,68 @@ def pack_by_length(lengths: Sequence[int], max_tokens: int, max_rows: int = 64) 
     return batches
 
 
+def pack_examples(lengths: Sequence[int], pack_len: int) -> list[list[int]]:
+    """Group example indices into rows of at most ``pack_len`` tokens (several per row).
+
+    Greedy best-fit decreasing: examples are taken longest first and each goes
+    into the open row with the *least* free space that still fits it (a new row
+    if none does). No example is split; an example longer than ``pack_len`` raises
+    ``ValueError`` (truncate it first, e.g. ``encode_chat(..., max_len=pack_len)``).
+    The result depends only on ``lengths`` (deterministic). Returns one index
+    list per row; every index appears exactly once.
+    """
+    if pack_len < 1:
+        raise ValueError(f"pack_len must be >= 1, got {pack_len}")
+    rows: list[list[int]] = []
+    # rows_by_free[f]: rows with exactly f free tokens (a stack each), for O(pack_len) lookup
+    rows_by_free: list[list[int]] = [[] for _ in range(pack_len + 1)]
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n < 1 or n > pack_len:
+            raise ValueError(f"example {i} has {n} tokens; packing needs 1..pack_len={pack_len}")
+        fit = next((f for f in range(n, pack_len + 1) if rows_by_free[f]), None)
+        if fit is None:
+            rows.append([])
+            free.append(pack_len)
+            row = len(rows) - 1
+        else:
+            row = rows_by_free[fit].pop()
+        rows[row].append(i)
+        free[row] -= n
+        rows_by_free[free[row]].append(row)
+    return rows
+
+
+def packed_batch(
+    rows: Sequence[Sequence[ChatExample]], pack_len: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate each row's examples into ``(input_ids, labels, cu_seqlens)``.
+
+    Returns (B, pack_len) int64 ids and labels (padding: ``pad_id`` / -100) and
+    ``cu_seqlens`` (n_docs + 1,) int64: the start of every conversation in the
+    flattened (B * pack_len) tokens, then the end. Each row's padding tail is a
+    document of its own, so the offsets cover every token and include every row
+    start -- what ``GPT(..., cu_seqlens=...)`` expects.
+    """
+    if not rows:
+        raise ValueError("packed_batch needs at least one row")
+    x = torch.full((len(rows), pack_len), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), pack_len), IGNORE_INDEX, dtype=torch.long)
+    cu = [0]
+    for r, examples in enumerate(rows):
+        ids = [t for e in examples for t in e.input_ids]
+        if len(ids) > pack_len:
+            raise ValueError(f"row {r} holds {len(ids)} tokens > pack_len={pack_len}")
+        x[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        y[r, : len(ids)] = torch.tensor([t for e in examples for t in e.labels], dtype=torch.long)
+        for e in examples:
+            cu.append(cu[-1] + len(e))
+        if len(ids) < pack_len:  # the padding tail
+            cu.append(cu[-1] + pack_len - len(ids))
+    return x, y, torch.tensor(cu, dtype=torch.long)
+
+
 class ChatBatches:
     """Endless random SFT batches ``(input_ids, labels)`` with resumable state.
 
@@ -305,15 +372,27 @@ class ChatBatches:
     k])``, so the sequence of batches depends only on (seed, k): saving ``k`` in a
     checkpoint resumes exactly (like :class:`minigpt.data.RandomWindowLoader`).
 
+    With ``pack_len`` the examples are first packed once into rows of
+    ``pack_len`` tokens (:func:`pack_examples`) and a batch is ``batch_size``
+    random *rows*, returned as ``(input_ids, labels, cu_seqlens)``
+    (:func:`packed_batch`); a step then sees several conversations per row.
+
     Args:
         examples: encoded conversations.
         batch_size: rows per batch.
         pad_id: token used for padding (any valid id: it is never read or graded).
         seed: decides every batch.
+        pack_len: pack conversations into rows of this many tokens (None: one per row).
     """
 
     def __init__(
-        self, examples: Sequence[ChatExample], batch_size: int, pad_id: int, *, seed: int = 0
+        self,
+        examples: Sequence[ChatExample],
+        batch_size: int,
+        pad_id: int,
+        *,
+        seed: int = 0,
+        pack_len: int | None = None,
     ) -> None:
         if not examples:
             raise ValueError("ChatBatches needs at least one example")
@@ -321,29 +400,53 @@ class ChatBatches:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.examples = list(examples)
         self.batch_size, self.pad_id, self.seed, self.step = batch_size, pad_id, int(seed), 0
+        self.pack_len = pack_len
+        self.rows = None if pack_len is None else pack_examples(list(map(len, examples)), pack_len)
 
     def indices(self, step: int) -> np.ndarray:
-        """The example indices of batch ``step`` (deterministic)."""
+        """The example (or, when packing, row) indices of batch ``step`` (deterministic)."""
         rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.examples), size=self.batch_size)
+        n = len(self.examples) if self.rows is None else len(self.rows)
+        return rng.integers(0, n, size=self.batch_size)
 
     def __iter__(self) -> ChatBatches:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, ...]:
         idx = self.indices(self.step)
         self.step += 1
+        if self.rows is not None:
+            rows = [[self.examples[i] for i in self.rows[r]] for r in idx]
+            return packed_batch(rows, self.pack_len, self.pad_id)
         return pad_batch([self.examples[i] for i in idx], self.pad_id)
+
+    def padding_fraction(self) -> float:
+        """Expected share of padding tokens in a batch (packed rows, or padded random rows)."""
+        tokens = sum(map(len, self.examples))
+        if self.rows is not None:
+            return 1.0 - tokens / (len(self.rows) * self.pack_len)
+        padded = sum(
+            int(self.batch_size * max(len(self.examples[i]) for i in self.indices(s)))
+            for s in range(64)
+        )  # estimated from the first 64 batches
+        used = sum(len(self.examples[i]) for s in range(64) for i in self.indices(s))
+        return 1.0 - used / padded
 
     def state_dict(self) -> dict:
         """The position (JSON-able): enough to resume exactly."""
-        return {"kind": "chat", "seed": self.seed, "step": self.step, "n": len(self.examples)}
+        state = {"kind": "chat", "seed": self.seed, "step": self.step, "n": len(self.examples)}
+        return state if self.pack_len is None else {**state, "pack_len": self.pack_len}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`: the next batch is the one it would have been."""
-        if state.get("kind") != "chat" or state.get("n") != len(self.examples):
+        if (
+            state.get("kind") != "chat"
+            or state.get("n") != len(self.examples)
+            or state.get("pack_len") != self.pack_len
+        ):
             raise ValueError(
-                f"loader state {state} does not fit this data ({len(self.examples)} examples)"
+                f"loader state {state} does not fit this data ({len(self.examples)} examples, "
+                f"pack_len={self.pack_len})"
             )
         self.seed, self.step = int(state["seed"]), int(state["step"])
 

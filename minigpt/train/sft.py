@@ -51,6 +51,10 @@ class ChatDataConfig:
         seed: seed of the synthetic draws.
         max_len: longest rendered example in tokens (longer ones are cut).
         val_fraction: for a JSONL source, the share of records kept for validation.
+        pack: pack several conversations into each training row of ``train.seq_len``
+            tokens (document-masked attention, positions restarting per
+            conversation; see :mod:`minigpt.data.chat`). Off: one conversation per
+            row, padded to the longest of the batch. SFT only.
     """
 
     source: str = "synthetic"
@@ -60,6 +64,7 @@ class ChatDataConfig:
     seed: int = 0
     max_len: int = 128
     val_fraction: float = 0.05
+    pack: bool = False
 
 
 @dataclass
@@ -198,8 +203,13 @@ def sft_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     """Mean cross-entropy over the assistant tokens of ``batch = (input_ids, labels)``.
 
     The masking is in the labels (-100 outside assistant turns), so this is the
-    plain causal-LM loss: :func:`minigpt.train.core.causal_lm_loss`.
+    plain causal-LM loss: :func:`minigpt.train.core.causal_lm_loss`. A packed
+    batch ``(input_ids, labels, cu_seqlens)`` passes the conversation offsets on
+    to the model, which keeps each conversation's attention to itself.
     """
+    if len(batch) == 3:
+        x, y, cu_seqlens = batch
+        return model(x, y, cu_seqlens=cu_seqlens)
     return causal_lm_loss(model, batch)
 
 
@@ -246,16 +256,23 @@ def run_sft(
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
     tc = cfg.train
+    pack_len = tc.seq_len if cfg.data.pack else None
+    if pack_len is not None and not cfg.data.max_len <= pack_len <= model.config.max_seq_len:
+        raise ValueError(
+            f"data.pack needs data.max_len ({cfg.data.max_len}) <= train.seq_len ({pack_len}) "
+            f"<= the model's context ({model.config.max_seq_len})"
+        )
     seed_everything(tc.seed)
     if cfg.lora.rank > 0:
         add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     val_sets = fixed_batches(val, pad_id, tc.batch_size * cfg.data.max_len)
+    train_batches = ChatBatches(train, tc.batch_size, pad_id, seed=tc.seed, pack_len=pack_len)
     trainer = Trainer(
         model,
         tc,
         cfg.optim,
-        ChatBatches(train, tc.batch_size, pad_id, seed=tc.seed),
+        train_batches,
         loss_fn=sft_loss,
         val_batches=lambda: iter(val_sets),
         token_bytes=token_byte_lengths(tokenizer),
@@ -269,8 +286,10 @@ def run_sft(
     mode = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank > 0 else "full fine-tuning"
     print_fn(
         f"SFT ({mode}): {trainable / 1e6:.2f}M trainable parameters; {len(train)} train / "
-        f"{len(val)} val conversations; {tc.max_steps} steps of {tc.batch_size} on "
-        f"{trainer.device} ({trainer.precision})"
+        f"{len(val)} val conversations; {tc.max_steps} steps of {tc.batch_size} "
+        + (f"packed rows of {pack_len} tokens" if pack_len else "conversations")
+        + f" on {trainer.device} ({trainer.precision}); "
+        f"{100 * train_batches.padding_fraction():.0f}% padding"
     )
     summary = trainer.fit()
     samples = trainer.run_samples() if not summary["interrupted"] else []
