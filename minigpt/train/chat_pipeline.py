@@ -227,15 +227,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, print_fn=print) -> dict[s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``minigpt pipeline``."""
+    from minigpt.train.config import add_override_argument
+
     parser.add_argument("--out", type=Path, default=Path("runs/chat"), help="output directory")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a PipelineConfig field, e.g. --set sft_minutes=3",
-    )
+    add_override_argument(parser, "sft_minutes=3", "a PipelineConfig field")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -50,15 +50,10 @@ def _job_start() -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``minigpt train``."""
+    from minigpt.train.config import add_override_argument
+
     parser.add_argument("--config", type=Path, help="YAML config (sections: data, model, ...)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
+    add_override_argument(parser)
     parser.add_argument("--out", type=Path, help="run directory (default runs/train-<time>)")
     parser.add_argument(
         "--resume",

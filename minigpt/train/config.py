@@ -14,6 +14,7 @@ them, e.g. :class:`minigpt.model.GPTConfig` for the ``model`` section).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import types
@@ -179,6 +180,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             node = child
         node[path[-1]] = value
     return data
+
+
+def add_override_argument(
+    parser: argparse.ArgumentParser, example: str = "optim.lr=3e-4", what: str = "a config value"
+) -> None:
+    """Add the repeatable ``--set KEY=VALUE`` option every config-driven command shares.
+
+    The values land in ``args.overrides`` (a list) and go to :func:`load_config`,
+    which applies them after the YAML file, so the command line always wins.
+    """
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override {what}, e.g. --set {example} (repeatable)",
+    )
 
 
 def load_config(

@@ -408,21 +408,10 @@ def run_dpo(
 
     from minigpt.data.chat import encode_preference
     from minigpt.model.io import load_tensors, save_tensors
-    from minigpt.train.checkpoint import resolve_checkpoint
-    from minigpt.train.config import config_to_yaml
-    from minigpt.train.sft import answer_samples, check_lengths, finish_stage, load_base
+    from minigpt.train.sft import answer_samples, finish_stage, fit_stage, open_stage, report_stage
 
     t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    resume_path = resolve_checkpoint(resume) if resume is not None else None
-    print_fn("resolved config:\n" + config_to_yaml(cfg))
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
-
-    model, tokenizer = load_base(cfg.base)
-    check_lengths(cfg.data.max_len, model)
+    out, resume_path, model, tokenizer = open_stage(cfg, out, resume, print_fn)
     train_pairs, val_pairs = load_preference_data(cfg.data, out, model.eval(), tokenizer, print_fn)
     model.train()
     enc = lambda ps, s: [  # noqa: E731
@@ -466,30 +455,22 @@ def run_dpo(
         run_dir=out,
         extra_state={"stage": "dpo", "tokenizer_fingerprint": tokenizer.fingerprint},
     )
-    if resume_path is not None:
-        trainer.resume(resume_path)
-        print_fn(f"resumed from {resume_path} at step {trainer.step}")
     print_fn(
         f"DPO: beta {cfg.dpo.beta}, label smoothing {cfg.dpo.label_smoothing}; "
         f"{len(train)} train / {len(val)} val pairs; {tc.max_steps} steps of "
         f"{tc.batch_size} pairs; reference "
         f"{'precomputed' if cfg.dpo.precompute_ref else 'on the fly'}"
     )
-    summary = trainer.fit()
-    samples = trainer.run_samples() if not summary["interrupted"] else []
-    trainer.close()
+    summary, samples = fit_stage(trainer, resume_path, print_fn)
     result = {**summary, "stage": "dpo", "samples": samples, "wall_s": time.perf_counter() - t0}
     if not summary["interrupted"]:
         finish_stage(model, tokenizer, out, result)
-        print_fn(
-            f"DPO done: {trainer.step} steps, "
-            f"val loss {summary.get('val_loss', float('nan')):.4f}, "
-            f"val reward accuracy {summary.get('val_reward_acc', float('nan')):.3f}"
-        )
-        for s in samples:
-            print_fn("  " + s)
-    else:
-        print_fn(f"stopped at step {trainer.step}; continue with --resume")
+    done = (
+        f"DPO done: {trainer.step} steps, "
+        f"val loss {summary.get('val_loss', float('nan')):.4f}, "
+        f"val reward accuracy {summary.get('val_reward_acc', float('nan')):.3f}"
+    )
+    report_stage(result, trainer.step, done, print_fn)
     return result
 
 

@@ -169,6 +169,50 @@ def finish_stage(model, tokenizer, out: Path, summary: dict[str, Any]) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
 
+def open_stage(cfg: Any, out: str | Path, resume: str | Path | None, print_fn=print):
+    """The common start of a chat stage (SFT, DPO): run dir, threads, config, base model.
+
+    Creates ``out``, applies ``cfg.threads``, resolves ``resume`` to a checkpoint,
+    prints and saves the resolved config, loads ``cfg.base`` and checks that
+    ``cfg.data.max_len`` fits its context. Returns ``(out, resume_path, model,
+    tokenizer)``.
+    """
+    from minigpt.train.checkpoint import resolve_checkpoint
+    from minigpt.train.config import config_to_yaml
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    resume_path = resolve_checkpoint(resume) if resume is not None else None
+    print_fn("resolved config:\n" + config_to_yaml(cfg))
+    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    model, tokenizer = load_base(cfg.base)
+    check_lengths(cfg.data.max_len, model)
+    return out, resume_path, model, tokenizer
+
+
+def fit_stage(trainer, resume_path: Path | None, print_fn=print) -> tuple[dict, list[str]]:
+    """Resume ``trainer`` if asked, train, and return ``(summary, final samples)``."""
+    if resume_path is not None:
+        trainer.resume(resume_path)
+        print_fn(f"resumed from {resume_path} at step {trainer.step}")
+    summary = trainer.fit()
+    samples = trainer.run_samples() if not summary["interrupted"] else []
+    trainer.close()
+    return summary, samples
+
+
+def report_stage(result: dict[str, Any], step: int, done_line: str, print_fn=print) -> None:
+    """Print a stage's last words: its result line and samples, or how to resume."""
+    if result["interrupted"]:
+        print_fn(f"stopped at step {step}; continue with --resume")
+        return
+    print_fn(done_line)
+    for s in result["samples"]:
+        print_fn("  " + s)
+
+
 def prompt_part(messages: list[dict]) -> list[dict]:
     """The messages before the last assistant turn (what the model answers)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -233,21 +277,10 @@ def run_sft(
     """Fine-tune ``cfg.base`` on ``cfg.data``; returns a summary (see module docstring)."""
     from minigpt.data.chat import ChatBatches, encode_chat, fixed_batches
     from minigpt.nn.lora import add_lora, merge_lora
-    from minigpt.train.checkpoint import resolve_checkpoint
-    from minigpt.train.config import config_to_yaml
     from minigpt.train.pretrain import token_byte_lengths
 
     t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    resume_path = resolve_checkpoint(resume) if resume is not None else None
-    print_fn("resolved config:\n" + config_to_yaml(cfg))
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
-
-    model, tokenizer = load_base(cfg.base)
-    check_lengths(cfg.data.max_len, model)
+    out, resume_path, model, tokenizer = open_stage(cfg, out, resume, print_fn)
     train_conv, val_conv = load_sft_conversations(cfg.data)
     train = [
         encode_chat(tokenizer, m, cfg.data.max_len, f"train[{i}]") for i, m in enumerate(train_conv)
@@ -280,9 +313,6 @@ def run_sft(
         run_dir=out,
         extra_state={"stage": "sft", "tokenizer_fingerprint": tokenizer.fingerprint},
     )
-    if resume_path is not None:
-        trainer.resume(resume_path)
-        print_fn(f"resumed from {resume_path} at step {trainer.step}")
     mode = f"LoRA rank {cfg.lora.rank}" if cfg.lora.rank > 0 else "full fine-tuning"
     print_fn(
         f"SFT ({mode}): {trainable / 1e6:.2f}M trainable parameters; {len(train)} train / "
@@ -291,21 +321,14 @@ def run_sft(
         + f" on {trainer.device} ({trainer.precision}); "
         f"{100 * train_batches.padding_fraction():.0f}% padding"
     )
-    summary = trainer.fit()
-    samples = trainer.run_samples() if not summary["interrupted"] else []
-    trainer.close()
+    summary, samples = fit_stage(trainer, resume_path, print_fn)
     result = {**summary, "stage": "sft", "samples": samples, "wall_s": time.perf_counter() - t0}
     if not summary["interrupted"]:
         if cfg.lora.rank > 0:
             merge_lora(model)
         finish_stage(model, tokenizer, out, result)
-        print_fn(
-            f"SFT done: {trainer.step} steps, val loss {summary.get('val_loss', float('nan')):.4f}"
-        )
-        for s in samples:
-            print_fn("  " + s)
-    else:
-        print_fn(f"stopped at step {trainer.step}; continue with --resume")
+    done = f"SFT done: {trainer.step} steps, val loss {summary.get('val_loss', float('nan')):.4f}"
+    report_stage(result, trainer.step, done, print_fn)
     return result
 
 
@@ -314,17 +337,12 @@ def run_sft(
 
 def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     """Options common to the chat stages (``minigpt sft`` / ``minigpt dpo``)."""
+    from minigpt.train.config import add_override_argument
+
     parser.add_argument("--config", type=Path, help="YAML config (e.g. configs/sft.yaml)")
     parser.add_argument("--base", help="model or run directory to start from (same as base=...)")
     parser.add_argument("--data", help="JSONL file, or 'synthetic' (same as data.source=...)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
+    add_override_argument(parser)
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     parser.add_argument(
         "--resume",
