@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +80,7 @@ def quantize_(
     *,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     include_lm_head: bool = False,
+    calibration: torch.Tensor | Iterable[object] | None = None,
 ) -> nn.Module:
     """Replace ``nn.Linear`` layers of ``model`` by :class:`QuantLinear`, in place.
 
@@ -90,6 +91,10 @@ def quantize_(
             True are quantized (default: all but ``lm_head``).
         include_lm_head: also quantize layers named ``lm_head`` (ignored when
             ``filter_fn`` is given).
+        calibration: None for round-to-nearest; else model inputs (a tensor
+            of token ids, or an iterable of batches) to run through the float
+            model, and every layer is quantized with GPTQ, which corrects the
+            rounding error using those inputs (:mod:`minigpt.quant.gptq`).
 
     Layers whose input size is not a multiple of the block size cannot use a
     4-bit format; they stay in float and a warning names them.
@@ -108,12 +113,22 @@ def quantize_(
         for name, mod in model.named_modules()
         if type(mod) is nn.Linear and filter_fn(name, mod)
     ]
-    skipped = []
-    for name, linear in targets:
-        if config.block and linear.in_features % config.block:
-            skipped.append(name)
-            continue
-        new = QuantLinear.from_linear(linear, config.fmt, config.block or 64, config.act_quant)
+    skipped = [
+        name for name, linear in targets if config.block and linear.in_features % config.block
+    ]
+    targets = [(name, linear) for name, linear in targets if name not in skipped]
+    if calibration is not None:
+        from minigpt.quant.gptq import gptq_quantize_linears
+
+        new_layers = gptq_quantize_linears(
+            model, dict(targets), config.fmt, config.block or 64, calibration, config.act_quant
+        )
+    else:
+        new_layers = {
+            name: QuantLinear.from_linear(linear, config.fmt, config.block or 64, config.act_quant)
+            for name, linear in targets
+        }
+    for name, new in new_layers.items():
         _set_module(model, name, new)
     if skipped:
         warnings.warn(
