@@ -132,18 +132,6 @@ void pack_keys(const at::Tensor& src, const AttnShape& sh, float* transposed, in
 
 // ---- AVX512-BF16 path ----------------------------------------------------------------------
 
-bool cpu_has_avx512_bf16() {
-#if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
-
 // Tests switch the bf16 dot-product kernels off to exercise the Vec path on this CPU too.
 std::atomic<bool>& bf16_dot_enabled() {
   static std::atomic<bool> on{true};

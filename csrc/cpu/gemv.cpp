@@ -22,18 +22,6 @@
 namespace minigpt::cpu {
 namespace {
 
-bool gemv_cpu_has_avx512_bf16() {
-#if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
-
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 bool float_out) {
   check_cpu_contiguous(x, "x");
@@ -69,7 +57,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
       auto kernel = MG_ISA_CALL(gemv_rows<T, O>);
 #if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
       if constexpr (std::is_same_v<T, BF16>) {
-        if (active_isa() == Isa::AVX512 && gemv_cpu_has_avx512_bf16()) kernel = avx512::gemv_rows_bf16dp<O>;
+        if (active_isa() == Isa::AVX512 && cpu_has_avx512_bf16()) kernel = avx512::gemv_rows_bf16dp<O>;
       }
 #endif
       at::parallel_for(0, blocks, grain, [&](int64_t b, int64_t e) {

@@ -72,4 +72,21 @@ Isa parse_isa(const std::string& name) {
                               "' (expected scalar, avx2 or avx512)");
 }
 
+#if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
+// __builtin_cpu_supports takes only a string literal, so one line per feature.
+#define MG_CPU_SUPPORTS(feature) (__builtin_cpu_init(), __builtin_cpu_supports(feature) != 0)
+#else
+#define MG_CPU_SUPPORTS(feature) false
+#endif
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = detected_isa() == Isa::AVX512 && MG_CPU_SUPPORTS("avx512bf16");
+  return has;
+}
+
+bool cpu_has_avx512_vnni() {
+  static const bool has = detected_isa() == Isa::AVX512 && MG_CPU_SUPPORTS("avx512vnni");
+  return has;
+}
+
 }  // namespace minigpt::cpu

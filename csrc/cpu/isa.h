@@ -22,6 +22,12 @@ void set_active_isa(Isa isa);
 const char* isa_name(Isa isa);
 Isa parse_isa(const std::string& name);
 
+// Extensions beyond the AVX-512 base that some kernels use when present (cached;
+// false off x86). Kernels check them together with active_isa() == Isa::AVX512,
+// so forcing a lower ISA also turns these paths off.
+bool cpu_has_avx512_bf16();  // vdpbf16ps, vcvtneps2bf16
+bool cpu_has_avx512_vnni();  // vpdpbusd
+
 }  // namespace minigpt::cpu
 
 #if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))

@@ -103,15 +103,6 @@ QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t group,
 #if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
 #define MG_HAVE_VNNI_KERNEL 1
 
-bool vnni_supported() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
-  }();
-  return ok;
-}
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,bmi2")
 
@@ -332,7 +323,7 @@ at::Tensor quant_linear_dynamic(const at::Tensor& x, const at::Tensor& qweight, 
               "quant_linear_dynamic: x must be float32, bfloat16 or float16");
   at::Tensor xf = (x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).contiguous();
 #ifdef MG_HAVE_VNNI_KERNEL
-  const bool use_vnni = vnni_supported() && active_isa() == Isa::AVX512;
+  const bool use_vnni = cpu_has_avx512_vnni() && active_isa() == Isa::AVX512;
 #else
   const bool use_vnni = false;
 #endif
@@ -378,7 +369,7 @@ at::Tensor quant_linear_dynamic(const at::Tensor& x, const at::Tensor& qweight, 
 
 bool dynamic_int8_native() {
 #ifdef MG_HAVE_VNNI_KERNEL
-  return vnni_supported() && active_isa() == Isa::AVX512;
+  return cpu_has_avx512_vnni() && active_isa() == Isa::AVX512;
 #else
   return false;
 #endif

@@ -55,8 +55,7 @@ bool native_bf16() {
   static const bool supported = [] {
     const char* env = std::getenv("MINIGPT_NATIVE_BF16");
     if (env && env[0] == '0') return false;
-    __builtin_cpu_init();
-    return bool(__builtin_cpu_supports("avx512bf16"));
+    return cpu_has_avx512_bf16();
   }();
   return supported && active_isa() == Isa::AVX512;
 #else
