@@ -130,3 +130,37 @@ def test_smollm2_perplexity_before_after():
               f"({100 * results[name]:+.2f} %)")  # fmt: skip
     for name, limit in PPL_LIMITS.items():
         assert results[name] < limit, f"{name}: {100 * results[name]:+.2f} %"
+
+
+# GPTQ int4 g64, calibrated on a different slice of Austen (characters 100k-195k;
+# the evaluation text starts at 200k). Measured: +23.9 % with 2,048 calibration
+# tokens (damp 0.01), +24.4 % with 16,384 tokens (damp 0.1); round-to-nearest
+# gives +23.9 %. GPTQ lowers each layer's output error (0.2-0.8x RTN on held-out
+# text) but NOT the perplexity of this model (calibrating on the evaluation
+# text itself, an oracle, gives +15.0 %), so the 10 % goal is still not
+# met. The limit guards the measured value, as PPL_LIMITS["int4"] does.
+GPTQ_PPL_LIMIT = 0.30
+
+
+def _calibration_batches(n_tokens: int = 2048, seq: int = 256, batch: int = 4):
+    from minigpt.model.hf import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    with gzip.open(DATA / "en" / "austen.txt.gz", "rt", encoding="utf-8") as f:
+        f.read(100_000)
+        text = f.read(95_000)  # ends before the evaluation slice
+    ids = torch.tensor(tok(text)["input_ids"][:n_tokens])
+    assert len(ids) == n_tokens
+    return list(ids.reshape(-1, seq).split(batch))
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_gptq_int4():
+    model, ids, n_seq, seq = _smollm2_and_tokens()
+    base = _ppl(model, ids, n_seq, seq)
+    quantize_(model, Int4WeightOnly(64), calibration=_calibration_batches())
+    change = _ppl(model, ids, n_seq, seq) / base - 1
+    print(f"SmolLM2-135M int4 g64 GPTQ: ppl {base:.3f} -> {base * (1 + change):.3f} "
+          f"({100 * change:+.2f} %)")  # fmt: skip
+    assert change < GPTQ_PPL_LIMIT, f"GPTQ int4: {100 * change:+.2f} %"
