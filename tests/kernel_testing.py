@@ -23,6 +23,19 @@ import torch
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Every C++ op is tested on each SIMD variant (csrc/cpu/isa.h), forced in turn.
+ISAS = ("avx512", "avx2", "scalar")
+
+
+def require_isa(isa: str) -> None:
+    """Fail (never skip) a test that needs an instruction set this CPU lacks."""
+    import pytest
+
+    order = {"scalar": 0, "avx2": 1, "avx512": 2}
+    if order[isa] > order[torch.ops.minigpt.cpu_isa_detected()]:
+        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")
+
+
 # (atol, rtol) per dtype for outputs of O(1) magnitude. These are the usual
 # choices of kernel libraries: a few units in the last place of each dtype.
 TOLERANCES = {

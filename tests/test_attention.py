@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_testing import DTYPES, assert_error_no_worse, random_tensor
+from kernel_testing import DTYPES, assert_error_no_worse, random_tensor, require_isa
 
 from minigpt.kernels import force_cpu_isa
 from minigpt.kernels.attention import attention, attention_varlen, attention_with_kv_cache
@@ -110,9 +110,7 @@ def test_attention_cpp(cfg, dtype):
     "cfg", [(1, 19, 19, 4, 2, 80, True, None), (1, 5, 70, 2, 1, 32, False, 9)], ids=str
 )
 def test_attention_cpp_every_isa(cfg, dtype, isa):
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    if order[isa] > order[torch.ops.minigpt.cpu_isa_detected()]:
-        pytest.fail(f"CPU lacks {isa}")  # never skip silently
+    require_isa(isa)
     with force_cpu_isa(isa):
         _check_attention(cfg, dtype, "cpp")
 

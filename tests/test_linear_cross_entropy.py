@@ -6,23 +6,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_testing import DTYPES, check_op, random_tensor
+from kernel_testing import DTYPES, ISAS, check_op, random_tensor, require_isa
 
 from minigpt.kernels import force_cpu_isa, linear_cross_entropy
 from minigpt.kernels.linear_cross_entropy import default_chunk_rows
 from minigpt.kernels.reference import linear_cross_entropy_reference
 from minigpt.nn import LinearCrossEntropyLoss
 
-ISAS = ("avx512", "avx2", "scalar")
 # (N, H, V): single row / single class, odd sizes, a 32k-class vocabulary, many rows
 SHAPES = [(1, 7, 1), (7, 33, 3), (97, 65, 1000), (5, 16, 32003), (1000, 17, 97)]
 TRITON_SHAPES = [(1, 5, 3), (7, 9, 70)]  # the interpreter is slow
 IGNORE = -100
-
-
-def _isa_ok(isa: str) -> bool:
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
 
 
 def _inputs(n, h, v, dtype, *, ignore_every=0, bias=False, batch=None):
@@ -65,8 +59,7 @@ def _check(inputs, backend, reduction="mean", softcap=None, chunk_size=None, z_l
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpp_matches_reference(dtype, shape, isa):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")  # never skip silently
+    require_isa(isa)
     n, h, v = shape
     # rotate through the reductions and options so every shape sees several
     k = SHAPES.index(shape)

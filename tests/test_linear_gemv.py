@@ -2,28 +2,21 @@
 
 import pytest
 import torch
-from kernel_testing import DTYPES, assert_error_no_worse, random_tensor
+from kernel_testing import DTYPES, ISAS, assert_error_no_worse, random_tensor, require_isa
 
 from minigpt.kernels import force_cpu_isa
 from minigpt.kernels.linear import MAX_GEMV_ROWS, linear
 
-ISAS = ("avx512", "avx2", "scalar")
 # (M, K, N): one row (decoding), a few rows (beams), K odd / not a multiple of the
 # vector width, N not a multiple of the 4-row block
 SHAPES = [(1, 1, 1), (1, 64, 8), (3, 97, 13), (1, 576, 130), (MAX_GEMV_ROWS, 40, 7)]
-
-
-def _isa_ok(isa: str) -> bool:
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_gemv_matches_reference(dtype, shape, isa):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")  # never skip silently
+    require_isa(isa)
     M, K, N = shape
     x, w, b = random_tensor((M, K), dtype), random_tensor((N, K), dtype), random_tensor((N,), dtype)
     expected = x.double() @ w.double().T + b.double()

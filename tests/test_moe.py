@@ -3,18 +3,11 @@ MLP, every backend against the naive per-token loops of minigpt.kernels.referenc
 
 import pytest
 import torch
-from kernel_testing import DTYPES, assert_error_no_worse, check_op, random_tensor
+from kernel_testing import DTYPES, ISAS, assert_error_no_worse, check_op, random_tensor, require_isa
 
 from minigpt.kernels import force_cpu_isa
 from minigpt.kernels import moe as M
 from minigpt.kernels.reference import moe as R
-
-ISAS = ("avx512", "avx2", "scalar")
-
-
-def _isa_ok(isa: str) -> bool:
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
 
 
 def uneven_ids(n: int, n_experts: int, k: int, *, empty=(1,), drop_every: int = 5) -> torch.Tensor:
@@ -121,8 +114,7 @@ def test_load_balancing_loss_is_one_when_uniform():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_permute_unpermute_cpp(dtype, isa):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}")
+    require_isa(isa)
     n, d, e, k = 53, 37, 7, 3
     ids = uneven_ids(n, e, k, empty=(2, 5))
     x = random_tensor((n, d), dtype)
@@ -189,8 +181,7 @@ ISA_K = [("avx512", 1), ("avx512", 2), ("avx512", 4), ("avx2", 2), ("scalar", 3)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("isa, k", ISA_K)
 def test_expert_mlp_cpp_matches_per_token_reference(dtype, isa, k):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}")
+    require_isa(isa)
     n, d, f, e = 31, 24, 40, 6
     ids = uneven_ids(n, e, k, empty=(4,))
     wgu, wd = expert_weights(e, d, f, dtype)

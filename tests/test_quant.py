@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_testing import ISAS, require_isa
 
 from minigpt.kernels import force_cpu_isa
 from minigpt.kernels.quant import quant_linear, quantize_weight, sqnr_db
@@ -14,13 +15,7 @@ from minigpt.kernels.reference.quant import (
     unpack_4bit,
 )
 
-ISAS = ("avx512", "avx2", "scalar")
 FORMATS = (("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("nf4", 64))
-
-
-def _isa_ok(isa: str) -> bool:
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
 
 
 def test_nf4_codebook_matches_its_definition():
@@ -93,8 +88,7 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16:
 @pytest.mark.parametrize("fmt,block", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quant_linear_cpp_matches_reference(isa, fmt, block, dtype):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")  # never skip silently
+    require_isa(isa)
     torch.manual_seed(1)
     shapes = SHAPES + ([(2, 11, 97), (5, 3, 17)] if fmt == "int8" else [])
     for m, n, k in shapes:
@@ -148,8 +142,7 @@ DYN_SHAPES += [(5, 8, 96), (1, 11, 160), (6, 7, 224), (2, 3, 97), (4, 6, 17)]
 @pytest.mark.parametrize("fmt,block", DYN_FORMATS)
 def test_quant_linear_act_quant_matches_reference(isa, fmt, block):
     """avx512 runs the VNNI integer kernel; avx2/scalar the float kernel on rounded x."""
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")
+    require_isa(isa)
     torch.manual_seed(3)
     for m, n, k in DYN_SHAPES:
         if (block is not None and k % block) or (block is None and k in (96, 224)):
@@ -212,8 +205,7 @@ def test_act_quant_bad_options_grad_and_compile():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_cpp_dequantize_and_prefill_match_reference(isa):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")
+    require_isa(isa)
     torch.manual_seed(7)
     for fmt, block in FORMATS:
         for n, k in [(7, 128), (5, 97), (300, 256)]:

@@ -2,27 +2,20 @@
 
 import pytest
 import torch
-from kernel_testing import DTYPES, check_op, random_tensor
+from kernel_testing import DTYPES, ISAS, check_op, random_tensor, require_isa
 
 from minigpt.kernels import add_rms_norm, force_cpu_isa, rms_norm
 from minigpt.kernels.reference import add_rms_norm_reference, rms_norm_reference
 
-ISAS = ("avx512", "avx2", "scalar")
 SHAPES = [(1, 1), (7, 33), (3, 5, 97), (64, 256), (2, 1000)]  # odd and round rows
 TRITON_SHAPES = [(1, 1), (7, 33), (4, 64)]  # the interpreter is slow
-
-
-def _isa_ok(isa: str) -> bool:
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_rms_norm_cpp(dtype, shape, isa):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")  # never skip silently
+    require_isa(isa)
     x = random_tensor(shape, dtype)
     w = random_tensor(shape[-1:], dtype, scale=0.5) + 1
     with force_cpu_isa(isa):
@@ -39,8 +32,7 @@ def test_rms_norm_cpp(dtype, shape, isa):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_add_rms_norm_cpp(dtype, shape, isa):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}")
+    require_isa(isa)
     x, r = random_tensor(shape, dtype), random_tensor(shape, dtype)
     w = random_tensor(shape[-1:], torch.float32)  # float32 gain with low-precision x
     with force_cpu_isa(isa):

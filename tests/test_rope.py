@@ -6,13 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import DTYPES, check_op, random_tensor
+from kernel_testing import DTYPES, ISAS, check_op, random_tensor, require_isa
 
 from minigpt.kernels import force_cpu_isa, rope, rope_cos_sin, rope_with_positions
 from minigpt.kernels.reference import rope_reference, rotate_half
 from minigpt.nn import RotaryEmbedding
 
-ISAS = ("avx512", "avx2", "scalar")
 # (B, T, Hq, Hk, D): odd and round sizes, GQA (Hk < Hq), head dims 2..128 (80 and 96
 # have a partial vector tail), and one case big enough to be split across threads.
 SHAPES = [
@@ -24,11 +23,6 @@ SHAPES = [
     (2, 64, 8, 2, 64),
 ]
 TRITON_SHAPES = [(1, 1, 1, 1, 2), (2, 7, 4, 2, 80), (1, 5, 3, 1, 128)]
-
-
-def _isa_ok(isa: str) -> bool:
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
 
 
 def _inputs(shape, dtype, *, per_row=False, table_dtype=torch.float32):
@@ -56,8 +50,7 @@ def _check(inputs, backend, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_rope_cpp(dtype, shape, isa):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")  # never skip silently
+    require_isa(isa)
     with force_cpu_isa(isa):
         _check(_inputs(shape, dtype), "cpp", dtype)
 

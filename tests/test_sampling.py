@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kernel_testing import ISAS, require_isa
 
 from minigpt.kernels import force_cpu_isa, repetition_penalty, sample, top_k_top_p_filter
 from minigpt.kernels.reference.sampling import (
@@ -22,7 +23,6 @@ from minigpt.kernels.reference.sampling import (
     top_k_top_p_filter_reference,
 )
 
-ISAS = ("avx512", "avx2", "scalar")
 # (temperature, top_k, top_p, min_p): the setting, each filter alone, mixes
 SETTINGS = [
     (0.8, 50, 0.9, 0.0),
@@ -32,11 +32,6 @@ SETTINGS = [
     (1.3, 0, 1.0, 0.0),
     (0.5, 5, 0.6, 0.1),
 ]
-
-
-def _isa_ok(isa: str) -> bool:
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
 
 
 def _logits(rows: int, vocab: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -64,8 +59,7 @@ def _ref(x, setting, seed=1):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [1, 7, 111, 4099])
 def test_filter_matches_reference(isa, dtype, vocab):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}")
+    require_isa(isa)
     x = _logits(6, vocab, dtype)
     for setting in SETTINGS:
         with force_cpu_isa(isa):
@@ -81,8 +75,7 @@ def test_filter_matches_reference(isa, dtype, vocab):
 def test_sample_matches_reference_same_uniforms(isa, vocab):
     # Same uniforms and the same inverse-CDF rule: the very same ids, except where
     # rounding puts u within ~1e-7 of a boundary (never at this size in practice).
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}")
+    require_isa(isa)
     x = _logits(64, vocab)
     for setting in SETTINGS:
         with force_cpu_isa(isa):

@@ -8,29 +8,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import DTYPES, check_op, random_tensor
+from kernel_testing import DTYPES, ISAS, check_op, random_tensor, require_isa
 
 from minigpt.kernels import force_cpu_isa, swiglu
 from minigpt.kernels.reference import swiglu_reference
 from minigpt.nn import SwiGLUMLP
 
-ISAS = ("avx512", "avx2", "scalar")
 # odd and round sizes; (300, 257) is big enough to be split across threads
 SHAPES = [(1,), (7, 33), (3, 5, 97), (64, 256), (300, 257)]
 TRITON_SHAPES = [(1,), (7, 33), (3, 1000)]  # (3, 1000) spans several programs
-
-
-def _isa_ok(isa: str) -> bool:
-    order = {"scalar": 0, "avx2": 1, "avx512": 2}
-    return order[isa] <= order[torch.ops.minigpt.cpu_isa_detected()]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("isa", ISAS)
 def test_swiglu_cpp(dtype, shape, isa):
-    if not _isa_ok(isa):
-        pytest.fail(f"CPU lacks {isa}; run on an AVX-512 machine")  # never skip silently
+    require_isa(isa)
     g, u = random_tensor(shape, dtype, scale=2.0), random_tensor(shape, dtype)
     with force_cpu_isa(isa):
         check_op(
