@@ -67,9 +67,8 @@ struct QuantizedRows {
   std::vector<float> gsum;     // (m, groups) sum of xq over each group (int4) / row (int8)
 };
 
-// Round each row of x (float32, (m, k)) to int8. permute4: store every 128-chunk
-// in the 4-bit unpack order (see top of file). group: elements per gsum entry.
-QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, bool permute4) {
+// Zeroed buffers for m quantized rows of length k (padded to whole 128-code chunks).
+QuantizedRows empty_rows(int64_t m, int64_t k, int64_t group) {
   QuantizedRows r;
   r.m = m;
   r.kpad = (k + kChunk4 - 1) / kChunk4 * kChunk4;
@@ -77,6 +76,13 @@ QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t group,
   r.q.assign(size_t(m * r.kpad), 0);
   r.scale.resize(size_t(m));
   r.gsum.assign(size_t(m * r.groups), 0.0f);
+  return r;
+}
+
+// Round each row of x (float32, (m, k)) to int8. permute4: store every 128-chunk
+// in the 4-bit unpack order (see top of file). group: elements per gsum entry.
+QuantizedRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t group, bool permute4) {
+  QuantizedRows r = empty_rows(m, k, group);
   for (int64_t i = 0; i < m; ++i) {
     const float* xr = x + i * k;
     float amax = 0.0f;
@@ -112,13 +118,7 @@ inline int hsum_epi32(__m512i v) { return _mm512_reduce_add_epi32(v); }
 // even, like nearbyint in the default rounding mode). Blocks of 16 elements move
 // as a unit in the 4-bit order, and group sizes are multiples of 16.
 QuantizedRows quantize_rows_avx512(const float* x, int64_t m, int64_t k, int64_t group, bool permute4) {
-  QuantizedRows r;
-  r.m = m;
-  r.kpad = (k + kChunk4 - 1) / kChunk4 * kChunk4;
-  r.groups = k / group;
-  r.q.assign(size_t(m * r.kpad), 0);
-  r.scale.resize(size_t(m));
-  r.gsum.assign(size_t(m * r.groups), 0.0f);
+  QuantizedRows r = empty_rows(m, k, group);
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t i = 0; i < m; ++i) {
     const float* xr = x + i * k;
