@@ -379,3 +379,25 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
         for stale in self.root.glob(".tmp-*"):  # left behind by a crash mid-write
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def open_run(
+    cfg: Any, run_dir: str | os.PathLike, resume, print_fn=print
+) -> tuple[Path, Path | None]:
+    """The common start of every training stage (pretrain, SFT, DPO).
+
+    Creates ``run_dir``, applies ``cfg.threads`` (0 = torch's default), resolves
+    ``resume`` (a checkpoint or a run directory, or None) to a checkpoint path, and
+    prints the resolved config and saves it as ``run_dir/config.yaml`` so every run
+    records exactly what it ran with. Returns ``(run_dir, resume_path)``.
+    """
+    from minigpt.train.config import config_to_yaml
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    resume_path = resolve_checkpoint(resume) if resume is not None else None
+    print_fn("resolved config:\n" + config_to_yaml(cfg))
+    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    return run_dir, resume_path

@@ -39,8 +39,7 @@ from typing import Any
 
 import torch
 
-from minigpt.train.checkpoint import resolve_checkpoint
-from minigpt.train.config import config_to_yaml
+from minigpt.train.checkpoint import open_run
 from minigpt.train.core import OptimConfig, TrainConfig, Trainer, seed_everything
 
 
@@ -248,13 +247,7 @@ def pretrain(
     from minigpt.model.io import save_model
 
     t_start = time.perf_counter() if started is None else started
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    resume_path = resolve_checkpoint(resume) if resume is not None else None
-    print_fn("resolved config:\n" + config_to_yaml(cfg))
-    (run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+    run_dir, resume_path = open_run(cfg, run_dir, resume, print_fn)
 
     tokenizer, meta = prepare_tokenizer_and_data(cfg, run_dir, progress=cfg.train.progress)
     model_config = build_model_config(cfg.model, tokenizer.vocab_size)

@@ -177,16 +177,9 @@ def open_stage(cfg: Any, out: str | Path, resume: str | Path | None, print_fn=pr
     ``cfg.data.max_len`` fits its context. Returns ``(out, resume_path, model,
     tokenizer)``.
     """
-    from minigpt.train.checkpoint import resolve_checkpoint
-    from minigpt.train.config import config_to_yaml
+    from minigpt.train.checkpoint import open_run
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    resume_path = resolve_checkpoint(resume) if resume is not None else None
-    print_fn("resolved config:\n" + config_to_yaml(cfg))
-    (out / "config.yaml").write_text(config_to_yaml(cfg))
+    out, resume_path = open_run(cfg, out, resume, print_fn)
     model, tokenizer = load_base(cfg.base)
     check_lengths(cfg.data.max_len, model)
     return out, resume_path, model, tokenizer
