@@ -154,11 +154,61 @@ void attn_pack_rows(const T* src, int64_t stride, int64_t n, int64_t d, int64_t 
   }
 }
 
+#if defined(MG_ISA_AVX512)
+// In-register transpose of a 16 x 16 block of 32-bit elements: r[i] lane c -> r[c] lane i.
+// Works on any 32-bit data (floats, pairs of bf16): the shuffles only move bits.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // pairs of rows, interleaved per 128-bit lane
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // r[4i + e], lane L: rows 4i..4i+3 of column 4L + e
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), e = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) {  // gather the four 128-bit lanes of column 4L + e
+    const __m512 a = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88), b = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88),
+                 f = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xDD);
+    t[e] = _mm512_shuffle_f32x4(a, c, 0x88);
+    t[8 + e] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    t[4 + e] = _mm512_shuffle_f32x4(b, f, 0x88);
+    t[12 + e] = _mm512_shuffle_f32x4(b, f, 0xDD);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+#endif
+
 // dst[dd * ld + j] = src[j * stride + dd] as float32 (keys become columns), zero rows
 // for d <= dd < dp. Done once per call, so its cost is linear in the sequence length.
 template <typename T>
 void attn_pack_transposed(const T* src, int64_t stride, int64_t n, int64_t d, int64_t dp,
                           float* dst, int64_t ld) {
+#if defined(MG_ISA_AVX512)
+  // 16 keys x 16 head dims per step, transposed in registers (zero past d and n)
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int m = int(mg_min(16, n - j0));
+    for (int64_t c0 = 0; c0 < dp; c0 += 16) {
+      const int cols = int(mg_max(0, mg_min(16, d - c0)));
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < m ? Vec::load_partial(src + (j0 + i) * stride + c0, cols).r : _mm512_setzero_ps();
+      transpose16x16(r);
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) Vec(r[c]).store_partial(dst + (c0 + c) * ld + j0, m);
+    }
+  }
+#else
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t j1 = mg_min(n, j0 + 16);
     for (int64_t dd = 0; dd < d; ++dd)
@@ -166,6 +216,7 @@ void attn_pack_transposed(const T* src, int64_t stride, int64_t n, int64_t d, in
   }
   for (int64_t dd = d; dd < dp; ++dd)
     for (int64_t j = 0; j < n; ++j) dst[dd * ld + j] = 0.0f;
+#endif
 }
 
 // ---- shared softmax pieces ----------------------------------------------------------
@@ -726,33 +777,26 @@ MG_BF16_TARGET inline __m512i interleave16(__m256i a, __m256i b) {
 
 // Pairs along the head dim: dst[(d2 * ld + j) * 2 + e] = src[j * stride + 2 * d2 + e] for
 // j < n, zero for head dims d..dp (a 32-bit transpose; columns n..ld are left alone).
-// 16 tokens at a time: one gather per pair of head dims, one 64-byte store.
+// 16 tokens x 16 pairs at a time: 16 row loads, a transpose in registers, 16 stores.
 MG_BF16_TARGET inline void pack_pairs_over_d(const BF16* src, int64_t stride, int64_t n, int64_t d, int64_t dp,
                                              uint16_t* dst, int64_t ld) {
-  const int64_t whole = d / 2, half = dp / 2;
+  const int64_t half = dp / 2;
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-  const bool gather = stride * 2 * 16 < (int64_t(1) << 31);  // byte offsets fit the int32 indices
-  const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(int32_t(gather ? stride * 2 : 0)));
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
-    const int64_t m = mg_min(16, n - j0);
-    const __mmask16 mask = m == 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1u);
-    const char* rows = reinterpret_cast<const char*>(src + j0 * stride);
-    if (gather) {
-      for (int64_t d2 = 0; d2 < whole; ++d2)
-        _mm512_mask_storeu_epi32(out + d2 * ld + j0, mask,
-                                 _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, rows + 4 * d2, 1));
-    } else {
-      for (int64_t j = j0; j < j0 + m; ++j)
-        for (int64_t d2 = 0; d2 < whole; ++d2) {
-          uint32_t w;
-          __builtin_memcpy(&w, reinterpret_cast<const uint16_t*>(src + j * stride) + 2 * d2, 4);
-          out[d2 * ld + j] = w;
-        }
+    const int m = int(mg_min(16, n - j0));
+    const __mmask16 rows = m == 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1u);
+    for (int64_t p0 = 0; p0 < half; p0 += 16) {
+      const int64_t cnt = mg_max(0, mg_min(32, d - 2 * p0));  // bf16 elements of this chunk (odd d: last pair (x, 0))
+      const __mmask32 elems = cnt == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cnt) - 1u);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < m ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(elems, src + (j0 + i) * stride + 2 * p0))
+                     : _mm512_setzero_ps();
+      transpose16x16(r);
+      const int64_t np = mg_min(16, half - p0);
+      for (int64_t c = 0; c < np; ++c) _mm512_mask_storeu_epi32(out + (p0 + c) * ld + j0, rows, _mm512_castps_si512(r[c]));
     }
-    if (d & 1)  // odd head dim: the last pair is (x, 0)
-      for (int64_t j = j0; j < j0 + m; ++j) out[whole * ld + j] = reinterpret_cast<const uint16_t*>(src + j * stride)[d - 1];
-    for (int64_t d2 = (d + 1) / 2; d2 < half; ++d2) _mm512_mask_storeu_epi32(out + d2 * ld + j0, mask, _mm512_setzero_si512());
   }
 }
 
@@ -926,10 +970,20 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
     }
     Kr = Kp, Vr = Vp, lda = dp;
   }
-  for (int64_t j0 = 0; j0 < k_ld; j0 += 16)
-    for (int64_t c = 0; c < dp; ++c)
-      for (int64_t j = j0; j < j0 + 16; ++j)
-        KT[c * k_ld + j] = j < k_len && c < d ? reinterpret_cast<const uint16_t*>(k + j * k_stride)[c] : 0;
+  for (int64_t j0 = 0; j0 < k_ld; j0 += 16)  // KT[c][j]: 16 x 16 transposes of zero-extended bf16
+    for (int64_t c0 = 0; c0 < dp; c0 += 16) {
+      const __mmask16 cols = Vec::mask(int(mg_max(0, mg_min(16, d - c0))));
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = j0 + i < k_len ? _mm512_castsi512_ps(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, k + (j0 + i) * k_stride + c0)))
+                              : _mm512_setzero_ps();
+      transpose16x16(r);
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(KT + (c0 + c) * k_ld + j0),
+                            _mm512_cvtepi32_epi16(_mm512_castps_si512(r[c])));
+    }
   for (int64_t i = 0; i < group * dp * q_ld; ++i) dQT[i] = 0.0f;
 
   const int64_t shift = k_len - q_len;
@@ -964,9 +1018,13 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
   for (int64_t g = 0; g < group; ++g)
     for (int64_t i0 = 0; i0 < q_len; i0 += 16) {
       const int64_t m = mg_min(16, q_len - i0);
-      for (int64_t c = 0; c < d; ++c) {
-        const float* src = dQT + (g * dp + c) * q_ld + i0;
-        for (int64_t i = 0; i < m; ++i) rowbuf[i * dp + c] = src[i];
+      for (int64_t c0 = 0; c0 < dp; c0 += 16) {  // 16 x 16 transposes (i0 + 16 <= q_ld)
+        __m512 r[16];
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c) r[c] = _mm512_loadu_ps(dQT + (g * dp + c0 + c) * q_ld + i0);
+        transpose16x16(r);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(rowbuf + i * dp + c0, r[i]);
       }
       for (int64_t i = 0; i < m; ++i)
         finish_row<BF16>(rowbuf + i * dp, 0.0f, 1.0f / sh.scale, d, dq + g * d + (i0 + i) * q_stride, nullptr);
