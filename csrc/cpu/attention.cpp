@@ -19,7 +19,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -128,6 +127,13 @@ void pack_keys(const at::Tensor& src, const AttnShape& sh, float* transposed, in
     for (int64_t h = 0; h < hkv; ++h)
       for (int64_t dd = 0; dd < dp; ++dd)
         std::fill(transposed + (h * dp + dd) * ld + total, transposed + (h * dp + dd + 1) * ld, 0.0f);
+}
+
+// Outputs are allocated uninitialized and every row inside a sequence is written by a
+// kernel; rows past the last sequence (cu_seqlens may stop short of the tensor) are
+// set here.
+void fill_rows_from(at::Tensor& t, int64_t first, double value) {
+  if (first < t.size(0)) t.narrow(0, first, t.size(0) - first).fill_(value);
 }
 
 // ---- AVX512-BF16 path ----------------------------------------------------------------------
@@ -241,9 +247,16 @@ void attention_bwd_bf16(const at::Tensor& dout, const at::Tensor& q, const at::T
     std::vector<float> work(static_cast<size_t>(work_floats));
     for (int64_t u = ub; u < ue; ++u) {
       const int64_t b = u / sh.hkv, kvh = u % sh.hkv;
-      if (seqs.q_len[b] == 0 || seqs.k_len[b] == 0) continue;
       const int64_t qo = seqs.q_start[b] * qs + kvh * group * sh.d;
       const int64_t ko = seqs.k_start[b] * ks + kvh * sh.d;
+      if (seqs.q_len[b] == 0 || seqs.k_len[b] == 0) {  // nothing to attend: zero gradients
+        for (int64_t i = 0; i < seqs.q_len[b]; ++i) std::memset(dqp + qo + i * qs, 0, size_t(group * sh.d) * 2);
+        for (int64_t j = 0; j < seqs.k_len[b]; ++j) {
+          std::memset(dkp + ko + j * ks, 0, size_t(sh.d) * 2);
+          std::memset(dvp + ko + j * ks, 0, size_t(sh.d) * 2);
+        }
+        continue;
+      }
       avx512::attn_bwd_kv_head_bf16(sh, group, seqs.q_len[b], seqs.k_len[b], qp + qo, op + qo, dop + qo,
                                     lp + seqs.q_start[b] * sh.hq + kvh * group, qs, sh.hq, dqp + qo, dkp + ko,
                                     dvp + ko, kp + ko, vp + ko, ks, work.data());
@@ -258,9 +271,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   check_qkv(q, k, v, "attention_fwd");
   const AttnShape sh = make_shape(q, k, scale, causal, window);
   const SeqTable seqs = seqs_from_cu(cu_q, cu_k, q.size(0), k.size(0), "attention_fwd");
-  at::Tensor out = at::zeros_like(q);  // rows not covered by cu_seqlens stay 0
+  at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({q.size(0), sh.hq}, q.options().dtype(at::kFloat));
-  lse.fill_(-INFINITY);
+  const int64_t covered = seqs.count() ? seqs.q_start.back() + seqs.q_len.back() : 0;
+  fill_rows_from(out, covered, 0.0);  // rows not covered by cu_seqlens are 0
+  fill_rows_from(lse, covered, -INFINITY);
   const int64_t total_k = k.size(0), dp = sh.dp, group = sh.hq / sh.hkv;
   if (q.size(0) == 0 || seqs.count() == 0) return {out, lse};
   if (use_bf16_dot(q.scalar_type())) return attention_fwd_bf16(q, k, v, sh, seqs, out, lse);
@@ -312,7 +327,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
               "attention_bwd: lse must be float32 (total_q, Hq)");
   const AttnShape sh = make_shape(q, k, scale, causal, window);
   const SeqTable seqs = seqs_from_cu(cu_q, cu_k, q.size(0), k.size(0), "attention_bwd");
-  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  fill_rows_from(dq, seqs.count() ? seqs.q_start.back() + seqs.q_len.back() : 0, 0.0);
+  const int64_t covered_k = seqs.count() ? seqs.k_start.back() + seqs.k_len.back() : 0;
+  fill_rows_from(dk, covered_k, 0.0);
+  fill_rows_from(dv, covered_k, 0.0);
   const int64_t total_k = k.size(0), dp = sh.dp, group = sh.hq / sh.hkv;
   if (seqs.count() == 0 || total_k == 0) return {dq, dk, dv};
   if (use_bf16_dot(q.scalar_type())) {

@@ -138,6 +138,13 @@ inline void pv_block(float* C, int64_t ldc, const float* P, int64_t ps_r, int64_
 
 // ---- packing -------------------------------------------------------------------------
 
+// Rows of q/k/v/out are (heads * head_dim) elements apart, often a page or more, so
+// the hardware prefetcher does not follow them: packers ask for rows a few ahead.
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
+}
+
 // dst[j * dp + dd] = scale * src[j * stride + dd] as float32, zero for d <= dd < dp.
 template <typename T>
 void attn_pack_rows(const T* src, int64_t stride, int64_t n, int64_t d, int64_t dp, float scale,
@@ -147,6 +154,7 @@ void attn_pack_rows(const T* src, int64_t stride, int64_t n, int64_t d, int64_t 
   for (int64_t j = 0; j < n; ++j) {
     const T* x = src + j * stride;
     float* y = dst + j * dp;
+    if (j + 8 < n) prefetch_row(x + 8 * stride, d * int64_t(sizeof(T)));
     int64_t dd = 0;
     for (; dd < dv; dd += Vec::N) (Vec::load(x + dd) * s).store(y + dd);
     if (dd < d) (Vec::load_partial(x + dd, int(d - dd)) * s).store(y + dd);  // zero-filled tail
@@ -197,6 +205,7 @@ void attn_pack_transposed(const T* src, int64_t stride, int64_t n, int64_t d, in
   // 16 keys x 16 head dims per step, transposed in registers (zero past d and n)
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int m = int(mg_min(16, n - j0));
+    for (int64_t j = j0 + 16; j < mg_min(n, j0 + 32); ++j) prefetch_row(src + j * stride, d * int64_t(sizeof(T)));
     for (int64_t c0 = 0; c0 < dp; c0 += 16) {
       const int cols = int(mg_max(0, mg_min(16, d - c0)));
       __m512 r[16];
@@ -364,6 +373,7 @@ void attn_bwd_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int64_t
     attn_pack_rows(q + g * d, q_stride, q_len, d, dp, sh.scale, Qs + g * q_len * dp);
     attn_pack_rows(dout + g * d, q_stride, q_len, d, dp, 1.0f, dO + g * q_len * dp);
     for (int64_t i = 0; i < q_len; ++i) {
+      if (i + 8 < q_len) prefetch_row(out + g * d + (i + 8) * q_stride, d * int64_t(sizeof(T)));
       attn_pack_rows(out + g * d + i * q_stride, q_stride, 1, d, dp, 1.0f, orow);
       const float* go = dO + (g * q_len + i) * dp;
       Vec acc = Vec::zero();
@@ -785,6 +795,7 @@ MG_BF16_TARGET inline void pack_pairs_over_d(const BF16* src, int64_t stride, in
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int m = int(mg_min(16, n - j0));
     const __mmask16 rows = m == 16 ? __mmask16(0xFFFF) : __mmask16((1u << m) - 1u);
+    for (int64_t j = j0 + 16; j < mg_min(n, j0 + 32); ++j) prefetch_row(src + j * stride, 2 * d);
     for (int64_t p0 = 0; p0 < half; p0 += 16) {
       const int64_t cnt = mg_max(0, mg_min(32, d - 2 * p0));  // bf16 elements of this chunk (odd d: last pair (x, 0))
       const __mmask32 elems = cnt == 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << cnt) - 1u);
@@ -942,6 +953,7 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
     pack_pairs_over_rows(q + g * d, q_stride, q_len, d, dp, Qpi + g * dp * q_ld, q_ld / 2);
     pack_pairs_over_rows(dout + g * d, q_stride, q_len, d, dp, dOpi + g * dp * q_ld, q_ld / 2);
     for (int64_t i = 0; i < q_len; ++i) {
+      if (i + 8 < q_len) prefetch_row(out + g * d + (i + 8) * q_stride, 2 * d);
       attn_pack_rows(out + g * d + i * q_stride, q_stride, 1, d, dp, 1.0f, orow);
       attn_pack_rows(dout + g * d + i * q_stride, q_stride, 1, d, dp, 1.0f, gorow);
       Vec acc = Vec::zero();
@@ -992,8 +1004,7 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
     int64_t lo_first, hi_first, lo_last, hi_last;  // queries that see the first / last key
     attn_visible_queries(sh, k0, shift, q_len, &lo_first, &hi_first);
     attn_visible_queries(sh, k0 + n - 1, shift, q_len, &lo_last, &hi_last);
-    const int64_t i_end = hi_last;
-    if (lo_first >= i_end) continue;  // no query sees this block: dk, dv stay 0
+    const int64_t i_end = lo_first >= hi_last ? 0 : hi_last;  // 0: no query sees this block, dk = dv = 0
     for (int64_t i = 0; i < n * dp; ++i) dK[i] = dV[i] = 0.0f;
     for (int64_t i0 = lo_first / kAttnBlockQ * kAttnBlockQ; i0 < i_end; i0 += kAttnBlockQ) {
       const int64_t rows_i = mg_min(kAttnBlockQ, q_len - i0);
