@@ -4,7 +4,9 @@
 // outputs, splits rows across threads and picks the SIMD variant. Registered as
 //   torch.ops.minigpt.rms_norm_fwd(x, residual?, weight, eps) -> (y, h, rstd)
 //   torch.ops.minigpt.rms_norm_bwd(dy, h, weight, rstd, dh_extra?) -> (dh, dw)
-// on 2-D contiguous (rows, n) inputs. Shapes for torch.compile come from the fake
+// on contiguous inputs of any rank >= 1, seen as (rows, n) with n the last
+// dimension (taking any rank saves the Python side two reshapes, whose autograd
+// view nodes cost as much as the kernel on small inputs). Shapes for torch.compile come from the fake
 // implementations in minigpt/kernels/rms_norm.py.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -30,11 +32,18 @@ namespace {
 void check_args(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(weight, "weight");
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (rows, n)");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), op,
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., n)");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), op,
               ": weight must have shape (n,)");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
               ": weight must have x's dtype or float32");
+}
+
+// Rows of a (..., n) tensor: the product of all but the last dimension.
+int64_t rows_of(const at::Tensor& x) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
@@ -47,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
                 "rms_norm_fwd: residual must match x in shape and dtype");
   }
-  const int64_t rows = x.size(0), n = x.size(1);
+  const int64_t rows = rows_of(x), n = x.size(-1);
   // Large outputs come from the output pool: no fresh page faults every step.
   at::Tensor y = pooled_empty(x.sizes(), x.scalar_type());
   at::Tensor h = has_res ? pooled_empty(x.sizes(), x.scalar_type()) : at::empty({0}, x.options());
@@ -83,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
   check_cpu_contiguous(rstd, "rstd");
   TORCH_CHECK(dy.sizes() == h.sizes() && dy.scalar_type() == h.scalar_type(),
               "rms_norm_bwd: dy must match h in shape and dtype");
-  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == h.size(0),
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.numel() == rows_of(h),
               "rms_norm_bwd: rstd must be float32 with one value per row");
   const bool has_extra = dh_extra.has_value() && dh_extra->defined();
   if (has_extra) {
@@ -91,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
     TORCH_CHECK(dh_extra->sizes() == h.sizes() && dh_extra->scalar_type() == h.scalar_type(),
                 "rms_norm_bwd: dh_extra must match h in shape and dtype");
   }
-  const int64_t rows = h.size(0), n = h.size(1);
+  const int64_t rows = rows_of(h), n = h.size(-1);
   at::Tensor dh = pooled_empty(h.sizes(), h.scalar_type());
   // Each thread sums its rows' weight gradient into its own float32 row, so no
   // atomics are needed; the rows are added at the end, here rather than with

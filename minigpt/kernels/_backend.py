@@ -33,6 +33,8 @@ BACKENDS = ("torch", "cpp", "triton")
 _OPS: dict[str, tuple[str, ...]] = {}
 _warned: set[tuple[str, str, str]] = set()
 _cache: dict[str, object] = {}
+# (op, backend, device type) combinations known to run (never holds a fallback)
+_usable: set[tuple[str, str, str]] = set()
 
 
 def register_op(name: str, backends: Iterable[str]) -> None:
@@ -42,6 +44,7 @@ def register_op(name: str, backends: Iterable[str]) -> None:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r} for op {name!r}")
     _OPS[name] = tuple(dict.fromkeys(("torch", *backends)))
+    _usable.clear()
 
 
 def registered_ops() -> dict[str, tuple[str, ...]]:
@@ -125,10 +128,14 @@ def select_backend(op: str, device: torch.device, backend: str | None = None) ->
     is issued once per (op, backend, device type) and the reference is used.
     """
     want = _requested(backend) or default_backend(device)
+    key = (op, want, device.type)
+    if key in _usable:  # this call runs on every op call: skip the checks once passed
+        return want
     why = _why_unusable(op, want, device)
     if why is None:
+        if want != "triton":  # Triton on CPU depends on TRITON_INTERPRET: always re-check
+            _usable.add(key)
         return want
-    key = (op, want, device.type)
     if key not in _warned:
         _warned.add(key)
         warnings.warn(
