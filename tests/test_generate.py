@@ -8,9 +8,11 @@ import itertools
 
 import pytest
 import torch
+from kernel_testing import ISAS, require_isa
 
 from minigpt.infer import GenerationConfig, filter_logits, generate, repetition_penalty, sample
 from minigpt.infer.sampling import sample as fallback_sample
+from minigpt.kernels import force_cpu_isa
 from minigpt.model import GPT, GPTConfig
 
 
@@ -233,3 +235,46 @@ def test_beam_search_stop_strings():
     assert out.text == text[: text.index(stop)]
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, [[1, 2]], num_beams=2, stop_strings=["c"])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_step_every_isa_and_thread_count(isa, dtype):
+    """gemv_decode_step (one C++ call, a thread team) == the op-by-op Python loop."""
+    from minigpt.infer import prefill
+    from minigpt.infer.fast_decode import DecodeStep
+
+    require_isa(isa)
+    torch.manual_seed(3)
+    # odd sizes: d_model 40 and head_dim 10 leave partial SIMD vectors everywhere
+    cfg = GPTConfig(vocab_size=37, n_layer=2, n_head=4, n_kv_head=2, d_model=40, max_seq_len=24)
+    model = GPT(cfg).eval().to(dtype)
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8]]
+    threads = torch.get_num_threads()
+    try:
+        with force_cpu_isa(isa):
+            for n_threads in (1, 2):
+                torch.set_num_threads(n_threads)
+                ref_cache, _ = prefill(model, rows, 12)
+                cache, _ = prefill(model, rows, 12)
+                ref, fused = DecodeStep(model, ref_cache), DecodeStep(model, cache)
+                ref.in_cpp = None  # the Python loop over the per-op kernels
+                assert fused.in_cpp is not None
+                tokens = torch.tensor([11, 12])
+                for _ in range(5):
+                    expected, got = ref(tokens), fused(tokens)
+                    # same roundings; only the float32 summation order differs
+                    tol = 1e-5 if dtype == torch.float32 else 2e-2
+                    torch.testing.assert_close(got, expected, atol=tol, rtol=tol)
+                    for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
+                        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+                    assert torch.equal(cache.seqlens, ref_cache.seqlens)
+                    tokens = expected.argmax(-1)
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="qkv_w"):
+        w = fused.in_cpp
+        torch.ops.minigpt.gemv_decode_step(
+            model.embed.weight[:2].clone(), w[0], [t[:-1] for t in w[1]], *w[2:6], cache.k,
+            cache.v, cache.seqlens, fused.cos, fused.sin, w[6], w[7], 4, 2, 10, w[8], 0.3,
+        )  # fmt: skip

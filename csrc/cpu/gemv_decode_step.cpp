@@ -1,87 +1,160 @@
-// csrc/cpu/gemv_decode_step.cpp -- all layers of one Llama decode step in one C++ call.
+// csrc/cpu/gemv_decode_step.cpp -- one whole Llama decode step in one C++ call.
 //
-// At batch 1 a decode step is ~10 small kernels per layer. Called one by one from
-// Python each costs several microseconds of interpreter and dispatcher time, which
-// for a 30-layer model adds up to milliseconds per token -- a real share of a step
-// whose useful work (reading the weights) takes ~10-20 ms. This op runs the layer
-// loop in C++ and reaches the other kernels through the dispatcher (~1 us a call):
+// At batch 1 a decode step is ~10 small kernels per layer plus the LM head. Called
+// one by one, each costs interpreter/dispatcher time, an output allocation and a
+// thread fork/join -- for a 30-layer model milliseconds per token, a real share of
+// a step whose useful work (reading the weights) takes ~10-20 ms. This op starts
+// the thread team once per step and runs every layer and the LM head inside it
+// (the math, and which thread does what, is in gemv_decode_kernel.h).
 //
-//   per layer:  x, h = add_rms_norm(delta, h)   (plain rms_norm on layer 0)
-//               qkv = gemv(x, Wqkv);  q, k = rope(q, k);  y = attention_kvcache(q, k, v)
-//               x, h = add_rms_norm(gemv(y, Wo), h)
-//               delta = gemv(swiglu(gemv(x, Wup)), Wdown)
-//
-// Registered as torch.ops.minigpt.gemv_decode_layers(h, norm_w, qkv_w, o_w, mlp_norm_w,
-// up_w, down_w, k_caches, v_caches, seqlens, cos, sin, n_head, n_kv_head, head_dim,
-// eps, scale) -> (delta, h); minigpt/infer/fast_decode.py is the caller (and the
-// readable Python version of the same loop). It does not advance seqlens.
-#include <ATen/core/dispatch/Dispatcher.h>
+// Registered as torch.ops.minigpt.gemv_decode_step(h, attn_norm_w, qkv_w, o_w,
+// mlp_norm_w, up_w, down_w, k_caches, v_caches, seqlens, cos, sin, final_norm_w,
+// head_w, n_head, n_kv_head, head_dim, eps, scale) -> float32 logits (B, V).
+// It appends each row's new key/value at seqlens[b] but does not advance seqlens.
+// minigpt/infer/fast_decode.py is the caller (and the readable Python version of
+// the same step).
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "cpu/common.h"
+#include "cpu/gemv_decode_args.h"
+#include "cpu/isa.h"
+
+#define MG_KERNEL_FILE "cpu/gemv_decode_kernel.h"
+#include "cpu/isa_expand.h"
 
 namespace minigpt::cpu {
 namespace {
 
 using Tensor = at::Tensor;
 
-std::tuple<Tensor, Tensor> gemv_decode_layers(const Tensor& h_in, at::TensorList norm_w,
-                                              at::TensorList qkv_w, at::TensorList o_w,
-                                              at::TensorList mlp_norm_w, at::TensorList up_w,
-                                              at::TensorList down_w, at::TensorList k_caches,
-                                              at::TensorList v_caches, const Tensor& seqlens,
-                                              const Tensor& cos, const Tensor& sin, int64_t n_head,
-                                              int64_t n_kv_head, int64_t head_dim, double eps,
-                                              double scale) {
-  const size_t L = norm_w.size();
-  TORCH_CHECK(L >= 1 && qkv_w.size() == L && o_w.size() == L && mlp_norm_w.size() == L &&
-                  up_w.size() == L && down_w.size() == L && k_caches.size() == L &&
-                  v_caches.size() == L,
-              "gemv_decode_layers: every weight / cache list needs one entry per layer");
-  TORCH_CHECK(h_in.dim() == 2, "gemv_decode_layers: h must be (B, d_model)");
-  auto& dispatcher = c10::Dispatcher::singleton();
-  static auto rms = dispatcher.findSchemaOrThrow("minigpt::rms_norm_fwd", "")
-                        .typed<std::tuple<Tensor, Tensor, Tensor>(
-                            const Tensor&, const std::optional<Tensor>&, const Tensor&, double)>();
-  static auto rope = dispatcher.findSchemaOrThrow("minigpt::rope_rotate", "")
-                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                           const Tensor&, bool)>();
-  static auto attn = dispatcher.findSchemaOrThrow("minigpt::attention_kvcache", "")
-                         .typed<Tensor(const Tensor&, Tensor&, Tensor&, const Tensor&,
-                                       const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                       double, bool)>();
-  static auto swiglu = dispatcher.findSchemaOrThrow("minigpt::swiglu_fwd", "")
-                           .typed<Tensor(const Tensor&, const Tensor&)>();
-  static auto gemv = dispatcher.findSchemaOrThrow("minigpt::gemv", "")
-                         .typed<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, bool)>();
-  const int64_t B = h_in.size(0), H = n_head, Hkv = n_kv_head, D = head_dim;
-  const std::optional<Tensor> none;
-  Tensor h = h_in, delta;
-  for (size_t i = 0; i < L; ++i) {
-    Tensor x;
-    if (i == 0) {
-      x = std::get<0>(rms.call(h, none, norm_w[i], eps));
-    } else {
-      auto [y, hs, r] = rms.call(delta, std::optional<Tensor>(h), norm_w[i], eps);
-      x = y, h = hs;
-    }
-    Tensor qkv = gemv.call(x, qkv_w[i], none, false);
-    Tensor q = qkv.narrow(1, 0, H * D).view({B, 1, H, D});
-    Tensor k = qkv.narrow(1, H * D, Hkv * D).view({B, 1, Hkv, D});
-    Tensor v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).contiguous().view({B, 1, Hkv, D});
-    auto [qr, kr] = rope.call(q, k, cos, sin, false);
-    Tensor kc = k_caches[i], vc = v_caches[i];
-    Tensor y = attn.call(qr, kc, vc, seqlens, std::optional<Tensor>(kr), std::optional<Tensor>(v),
-                         scale, true);
-    Tensor o = gemv.call(y.view({B, H * D}), o_w[i], none, false);
-    auto [x2, h2, r2] = rms.call(o, std::optional<Tensor>(h), mlp_norm_w[i], eps);
-    h = h2;
-    Tensor gate_up = gemv.call(x2, up_w[i], none, false);
-    const int64_t F = gate_up.size(1) / 2;
-    Tensor act = swiglu.call(gate_up.narrow(1, 0, F), gate_up.narrow(1, F, F));
-    delta = gemv.call(act, down_w[i], none, false);
+void check_shape(const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype, const char* name) {
+  check_cpu_contiguous(t, name);
+  TORCH_CHECK(t.sizes() == shape, "gemv_decode_step: ", name, " must have shape ", shape, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "gemv_decode_step: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+}
+
+template <typename T>
+std::vector<T*> pointers(at::TensorList ts) {
+  std::vector<T*> out;
+  for (const Tensor& t : ts) out.push_back(ptr<T>(t));
+  return out;
+}
+
+Tensor gemv_decode_step(const Tensor& h, at::TensorList attn_norm_w, at::TensorList qkv_w,
+                        at::TensorList o_w, at::TensorList mlp_norm_w, at::TensorList up_w,
+                        at::TensorList down_w, at::TensorList k_caches, at::TensorList v_caches,
+                        const Tensor& seqlens, const Tensor& cos, const Tensor& sin,
+                        const Tensor& final_norm_w, const Tensor& head_w, int64_t n_head,
+                        int64_t n_kv_head, int64_t head_dim, double eps, double scale) {
+  const int64_t L = int64_t(attn_norm_w.size());
+  TORCH_CHECK(L >= 1 && int64_t(qkv_w.size()) == L && int64_t(o_w.size()) == L &&
+                  int64_t(mlp_norm_w.size()) == L && int64_t(up_w.size()) == L &&
+                  int64_t(down_w.size()) == L && int64_t(k_caches.size()) == L &&
+                  int64_t(v_caches.size()) == L,
+              "gemv_decode_step: every weight / cache list needs one entry per layer");
+  check_cpu_contiguous(h, "h");
+  TORCH_CHECK(h.dim() == 2 && h.size(0) >= 1, "gemv_decode_step: h must be (B, d_model)");
+  const int64_t B = h.size(0), d = h.size(1), H = n_head, Hkv = n_kv_head, D = head_dim;
+  TORCH_CHECK(H >= 1 && Hkv >= 1 && H % Hkv == 0 && D >= 2 && D % 2 == 0,
+              "gemv_decode_step: need n_head a multiple of n_kv_head and an even head_dim");
+  const auto dt = h.scalar_type();
+  TORCH_CHECK(k_caches[0].dim() == 4, "gemv_decode_step: caches must be (B, max_len, Hkv, D)");
+  const int64_t max_len = k_caches[0].size(1);
+  TORCH_CHECK(up_w[0].dim() == 2 && up_w[0].size(0) % 2 == 0, "gemv_decode_step: bad up_w");
+  const int64_t F = up_w[0].size(0) / 2, qkv_n = (H + 2 * Hkv) * D;
+  for (int64_t l = 0; l < L; ++l) {
+    check_shape(attn_norm_w[l], {d}, dt, "attn_norm_w");
+    check_shape(qkv_w[l], {qkv_n, d}, dt, "qkv_w");
+    check_shape(o_w[l], {d, H * D}, dt, "o_w");
+    check_shape(mlp_norm_w[l], {d}, dt, "mlp_norm_w");
+    check_shape(up_w[l], {2 * F, d}, dt, "up_w");
+    check_shape(down_w[l], {d, F}, dt, "down_w");
+    check_shape(k_caches[l], {B, max_len, Hkv, D}, dt, "k_caches");
+    check_shape(v_caches[l], {B, max_len, Hkv, D}, dt, "v_caches");
   }
-  return {delta, h};
+  check_shape(final_norm_w, {d}, dt, "final_norm_w");
+  TORCH_CHECK(head_w.dim() == 2, "gemv_decode_step: head_w must be (V, d_model)");
+  const int64_t V = head_w.size(0);
+  check_shape(head_w, {V, d}, dt, "head_w");
+  check_shape(cos, {cos.size(0), D / 2}, at::kFloat, "cos");
+  check_shape(sin, cos.sizes(), at::kFloat, "sin");
+  check_shape(seqlens, {B}, at::kLong, "seqlens");
+  TORCH_CHECK(cos.size(0) >= max_len, "gemv_decode_step: cos/sin need max_len rows");
+  const int64_t* pos = ptr<const int64_t>(seqlens);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < max_len, "gemv_decode_step: row ", b, " at position ",
+                pos[b], " is outside the KV cache (", max_len, " positions)");
+
+  int team = 1;
+#ifdef _OPENMP
+  if (!at::in_parallel_region()) team = std::max(1, at::get_num_threads());
+#endif
+  Tensor logits = at::empty({B, V}, h.options().dtype(at::kFloat));
+  // one workspace: shared results, then each thread's scratch (see the kernel)
+  const int64_t shared = B * (qkv_n + H * D + d + F + d);
+  const int64_t share_f = (F + 4 * team - 1) / team + 4;  // >= any thread's feature share
+  const int64_t per_thread = 3 * B * d + 2 * D + 2 * B * share_f;
+  const int64_t per_thread_f = D + max_len + 1;
+  Tensor work = at::empty({shared + team * per_thread}, h.options());
+  Tensor fwork = at::empty({team * per_thread_f}, h.options().dtype(at::kFloat));
+
+  dispatch_float_types(dt, "gemv_decode_step", [&]<typename T>() {
+    auto norm1 = pointers<const T>(attn_norm_w), qkv = pointers<const T>(qkv_w),
+         o = pointers<const T>(o_w), norm2 = pointers<const T>(mlp_norm_w),
+         up = pointers<const T>(up_w), down = pointers<const T>(down_w);
+    auto kc = pointers<T>(k_caches), vc = pointers<T>(v_caches);
+    T* w = ptr<T>(work);
+    DecodeStepArgs<T> a{};
+    a.B = B, a.d = d, a.H = H, a.Hkv = Hkv, a.D = D, a.F = F, a.V = V, a.L = L;
+    a.max_len = max_len;
+    a.attn_norm_w = norm1.data(), a.qkv_w = qkv.data(), a.o_w = o.data();
+    a.mlp_norm_w = norm2.data(), a.up_w = up.data(), a.down_w = down.data();
+    a.k_cache = kc.data(), a.v_cache = vc.data();
+    a.seqlens = pos, a.cos = ptr<const float>(cos), a.sin = ptr<const float>(sin);
+    a.final_norm_w = ptr<const T>(final_norm_w), a.head_w = ptr<const T>(head_w);
+    a.eps = float(eps), a.scale = float(scale);
+    a.bf16dp = false;
+#if !defined(MINIGPT_NO_X86_SIMD) && (defined(__x86_64__) || defined(_M_X64))
+    a.bf16dp = std::is_same_v<T, BF16> && active_isa() == Isa::AVX512 && cpu_has_avx512_bf16();
+#endif
+    a.h_in = ptr<const T>(h);
+    a.qkv = w, a.y = w + B * qkv_n, a.o = a.y + B * H * D, a.act = a.o + B * d;
+    a.delta = a.act + B * F, a.logits = ptr<float>(logits);
+    a.scratch_elems = per_thread, a.scratch_floats = per_thread_f;
+    auto run = [&](int tid, int nt, void (*barrier)()) {
+      auto args = a;
+      args.scratch = w + shared + tid * per_thread;
+      args.fscratch = ptr<float>(fwork) + tid * per_thread_f;
+      MG_ISA_CALL(decode_step_team<T>)(args, tid, nt, barrier);
+    };
+    if (team == 1) {
+      run(0, 1, [] {});
+      return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(team)
+    {
+      run(omp_get_thread_num(), omp_get_num_threads(), [] {
+#pragma omp barrier
+      });
+    }
+#endif
+  });
+  return logits;
 }
 
 }  // namespace
@@ -89,9 +162,10 @@ std::tuple<Tensor, Tensor> gemv_decode_layers(const Tensor& h_in, at::TensorList
 
 TORCH_LIBRARY_FRAGMENT(minigpt, m) {
   m.def(
-      "gemv_decode_layers(Tensor h, Tensor[] norm_w, Tensor[] qkv_w, Tensor[] o_w, Tensor[] mlp_norm_w, "
-      "Tensor[] up_w, Tensor[] down_w, Tensor[] k_caches, Tensor[] v_caches, Tensor seqlens, Tensor cos, "
-      "Tensor sin, int n_head, int n_kv_head, int head_dim, float eps, float scale) -> (Tensor, Tensor)");
+      "gemv_decode_step(Tensor h, Tensor[] attn_norm_w, Tensor[] qkv_w, Tensor[] o_w, "
+      "Tensor[] mlp_norm_w, Tensor[] up_w, Tensor[] down_w, Tensor(a!)[] k_caches, "
+      "Tensor(b!)[] v_caches, Tensor seqlens, Tensor cos, Tensor sin, Tensor final_norm_w, "
+      "Tensor head_w, int n_head, int n_kv_head, int head_dim, float eps, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(minigpt, CPU, m) { m.impl("gemv_decode_layers", &minigpt::cpu::gemv_decode_layers); }
+TORCH_LIBRARY_IMPL(minigpt, CPU, m) { m.impl("gemv_decode_step", &minigpt::cpu::gemv_decode_step); }

@@ -14,11 +14,14 @@ gradients) and calls the C++ kernels directly:
 
 The linear layers use :func:`minigpt.kernels.linear.linear`'s GEMV kernel, which
 reads each weight once at near memory bandwidth (AVX512-BF16 dot products for
-bf16). When every projection is a plain bias-free ``nn.Linear``, the whole layer
-loop runs in one C++ call (``torch.ops.minigpt.gemv_decode_layers``, the same
-steps as the Python loop below, ~1 us per kernel instead of several); otherwise
-the Python loop runs, and a layer that is not a plain ``nn.Linear`` (quantized,
-LoRA) is simply called.
+bf16). When every projection and the LM head are plain bias-free ``nn.Linear``
+(and all weights share one dtype), the whole step runs in one C++ call
+(``torch.ops.minigpt.gemv_decode_step``, the same steps as the Python loop
+below): the thread team starts once per token, each thread streams its own half
+of every weight, and threads only meet at the 5 barriers per layer where a
+result is needed whole -- instead of ~300 kernel calls, each with a fork/join and
+an allocation. Otherwise the Python loop runs, and a layer that is not a plain
+``nn.Linear`` (quantized, LoRA) is simply called.
 Models this path does not cover (GPT-2-style switches, MoE, CUDA, autocast,
 training mode with dropout) use ``model(...)``: :func:`decoder_for` picks.
 """
@@ -91,16 +94,29 @@ class DecodeStep:
         ]
         self.final_norm = (model.final_norm.weight, model.final_norm.eps)
         self.lm_head = model.lm_head
-        # all layers in one C++ call (gemv_decode_layers) when every projection is a
-        # plain bias-free nn.Linear and every norm has one eps: no per-op Python cost
+        # the whole step in one C++ call (gemv_decode_step) when every projection and
+        # the LM head are plain bias-free nn.Linear, every norm has one eps and every
+        # weight has the embedding's dtype: no per-op Python, allocation or fork/join
+        head = self.lm_head
         linears = [lin for layer in self.layers for lin in (layer[2], layer[3], *layer[6:])]
+        linears.append(head)
         eps = {layer[1] for layer in self.layers} | {layer[5] for layer in self.layers}
+        eps.add(self.final_norm[1])
         self.in_cpp = None
-        if all(type(lin) is nn.Linear and lin.bias is None for lin in linears) and len(eps) == 1:
-            self.in_cpp = tuple(
-                [layer[j].weight if j in (2, 3, 6, 7) else layer[j] for layer in self.layers]
-                for j in (0, 2, 3, 4, 6, 7)
-            ) + (eps.pop(),)
+        if (
+            all(type(lin) is nn.Linear and lin.bias is None for lin in linears)
+            and len(eps) == 1
+            and all(p.dtype == self.embed.dtype for p in model.parameters())
+        ):
+            self.in_cpp = (
+                *(
+                    [layer[j].weight if j in (2, 3, 6, 7) else layer[j] for layer in self.layers]
+                    for j in (0, 2, 3, 4, 6, 7)
+                ),
+                self.final_norm[0],
+                head.weight,
+                eps.pop(),
+            )
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -141,15 +157,17 @@ class DecodeStep:
         # but say it in words here
         if int(seqlens.max()) >= cache.max_len:
             raise ValueError(f"KV cache is full ({cache.max_len} positions)")
-        cos = self.cos.index_select(0, seqlens)[:, None]  # (B, 1, D/2)
-        sin = self.sin.index_select(0, seqlens)[:, None]
         h = self.embed.index_select(0, tokens)  # (B, d) residual stream
         if self.in_cpp is not None and B <= MAX_GEMV_ROWS:
-            *weights, eps = self.in_cpp
-            delta, h = ops.gemv_decode_layers(
-                h, *weights, cache.k, cache.v, seqlens, cos, sin, H, Hkv, D, eps, self.scale
-            )
-            return self._head(delta, h, seqlens)
+            *weights, final_w, head_w, eps = self.in_cpp
+            logits = ops.gemv_decode_step(
+                h, *weights, cache.k, cache.v, seqlens, self.cos, self.sin, final_w, head_w,
+                H, Hkv, D, eps, self.scale,
+            )  # fmt: skip
+            seqlens += 1
+            return logits
+        cos = self.cos.index_select(0, seqlens)[:, None]  # (B, 1, D/2)
+        sin = self.sin.index_select(0, seqlens)[:, None]
         delta = None
         for i, (w1, eps1, qkv_proj, o_proj, w2, eps2, up_proj, down_proj) in enumerate(self.layers):
             if delta is None:
