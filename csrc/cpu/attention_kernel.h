@@ -23,58 +23,77 @@ constexpr float kNegInf = -__builtin_inff();
 inline int64_t mg_min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t mg_max(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// ---- micro-kernel 1: S[MR x 4 vectors] = A[MR x dp] @ Bt[dp x 4 vectors] -----------
+// ---- micro-kernel 1: S[MR x NV vectors] = A[MR x dp] @ Bt[dp x NV vectors] ---------
 // The keys are packed transposed (Bt[dd * ldb + j]) so each step broadcasts one
-// query element and multiplies 4 vectors of keys: MR * 4 accumulators stay in
+// query element and multiplies NV vectors of keys: MR * NV accumulators stay in
 // registers for the whole head-dim loop.
-template <int MR>
+template <int MR, int NV>
 inline void qk_tile(const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t dp,
                     float* C, int64_t ldc) {
-  Vec acc[MR][4];
+  Vec acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[r][c] = Vec::zero();
+    for (int c = 0; c < NV; ++c) acc[r][c] = Vec::zero();
   for (int64_t dd = 0; dd < dp; ++dd) {
     const float* b = Bt + dd * ldb;
-    Vec b0 = Vec::load(b), b1 = Vec::load(b + Vec::N), b2 = Vec::load(b + 2 * Vec::N),
-        b3 = Vec::load(b + 3 * Vec::N);
+    Vec bv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) bv[c] = Vec::load(b + c * Vec::N);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       Vec a = Vec::set1(A[r * lda + dd]);
-      acc[r][0] = fmadd(a, b0, acc[r][0]);
-      acc[r][1] = fmadd(a, b1, acc[r][1]);
-      acc[r][2] = fmadd(a, b2, acc[r][2]);
-      acc[r][3] = fmadd(a, b3, acc[r][3]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = fmadd(a, bv[c], acc[r][c]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[r][c].store(C + r * ldc + c * Vec::N);
+    for (int c = 0; c < NV; ++c) acc[r][c].store(C + r * ldc + c * Vec::N);
 }
 
 // Rows per register tile: 6 x 4 accumulators + 4 operand vectors fit AVX-512's 32
 // registers; AVX2 has 16, so 2 x 4 + 4.
 constexpr int kTileRows = Vec::N == 8 ? 2 : 6;
 
-// S[rows x 64] = A[rows x dp] @ Bt[dp x 64]
+template <int NV>
+inline void qk_rows(const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t dp, int64_t rows,
+                    float* S, int64_t lds) {
+  int64_t r = 0;
+  for (; r + kTileRows <= rows; r += kTileRows)
+    qk_tile<kTileRows, NV>(A + r * lda, lda, Bt, ldb, dp, S + r * lds, lds);
+  switch (rows - r) {
+    case 5: qk_tile<5, NV>(A + r * lda, lda, Bt, ldb, dp, S + r * lds, lds); break;
+    case 4: qk_tile<4, NV>(A + r * lda, lda, Bt, ldb, dp, S + r * lds, lds); break;
+    case 3: qk_tile<3, NV>(A + r * lda, lda, Bt, ldb, dp, S + r * lds, lds); break;
+    case 2: qk_tile<2, NV>(A + r * lda, lda, Bt, ldb, dp, S + r * lds, lds); break;
+    case 1: qk_tile<1, NV>(A + r * lda, lda, Bt, ldb, dp, S + r * lds, lds); break;
+    default: break;
+  }
+}
+
+// S[rows x (c_begin..c_end)] = A[rows x dp] @ Bt[dp x (c_begin..c_end)]; the column range
+// is a multiple of 16 (a whole number of vectors for every ISA), 64 columns by default.
 inline void qk_block(const float* A, int64_t lda, const float* Bt, int64_t ldb, int64_t dp,
-                     int64_t rows, float* S, int64_t lds) {
-  for (int64_t j0 = 0; j0 < kAttnBlockK; j0 += 4 * Vec::N) {
-    int64_t r = 0;
-    for (; r + kTileRows <= rows; r += kTileRows)
-      qk_tile<kTileRows>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds);
-    switch (rows - r) {
-      case 5: qk_tile<5>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
-      case 4: qk_tile<4>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
-      case 3: qk_tile<3>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
-      case 2: qk_tile<2>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
-      case 1: qk_tile<1>(A + r * lda, lda, Bt + j0, ldb, dp, S + r * lds + j0, lds); break;
-      default: break;
+                     int64_t rows, float* S, int64_t lds, int64_t c_begin = 0,
+                     int64_t c_end = kAttnBlockK) {
+  for (int64_t j0 = c_begin; j0 < c_end; j0 += 4 * Vec::N) {
+    switch (mg_min(4, (c_end - j0) / Vec::N)) {
+      case 4: qk_rows<4>(A, lda, Bt + j0, ldb, dp, rows, S + j0, lds); break;
+      case 3: qk_rows<3>(A, lda, Bt + j0, ldb, dp, rows, S + j0, lds); break;
+      case 2: qk_rows<2>(A, lda, Bt + j0, ldb, dp, rows, S + j0, lds); break;
+      default: qk_rows<1>(A, lda, Bt + j0, ldb, dp, rows, S + j0, lds); break;
     }
   }
 }
+
+// Tiles that cross a mask edge are done in groups of 16 rows, each computing only the
+// 16-column stripes [c_begin, c_end) that some row of the group can see: on the causal
+// diagonal that skips almost half the work. Columns left out are masked by the caller.
+constexpr int64_t kEdgeRows = 16;
+inline int64_t floor16(int64_t x) { return mg_max(0, mg_min(64, x)) / 16 * 16; }
+inline int64_t ceil16(int64_t x) { return (mg_max(0, mg_min(64, x)) + 15) / 16 * 16; }
 
 // ---- micro-kernel 2: C[MR x NV vectors] += P[MR x inner] @ B[inner x NV vectors] ---
 // P(r, k) is read at P[r * ps_r + k * ps_k]: (ps_r, ps_k) = (ld, 1) gives P @ B and
@@ -324,18 +343,29 @@ void attn_fwd_block(const AttnShape& sh, const T* q, int64_t q_stride, T* out, i
   const int64_t k_begin = lo_first, k_end = hi_last;  // both bounds grow with the row
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kAttnBlockK) {
     const int64_t n = mg_min(kAttnBlockK, k_end - k0);
-    qk_block(Q, dp, kt + k0, kt_ld, dp, rows, S, kAttnBlockK);
-    // mask only where the block is not fully visible to every row
     const bool full = n == kAttnBlockK && k0 >= lo_last && k0 + n <= hi_first;
-    if (!full) {
-      for (int64_t i = 0; i < rows; ++i) {
-        int64_t lo, hi;
-        attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
-        mask_outside(S + i * kAttnBlockK, lo - k0, mg_min(hi, k0 + n) - k0);
-      }
+    if (full) {  // every row sees every key: no mask
+      qk_block(Q, dp, kt + k0, kt_ld, dp, rows, S, kAttnBlockK);
+      online_softmax(S, rows, m, l, O, dp);
+      pv_block(O, dp, S, kAttnBlockK, 1, rows, n, vp + k0 * dp, dp, dp);
+      continue;
     }
-    online_softmax(S, rows, m, l, O, dp);
-    pv_block(O, dp, S, kAttnBlockK, 1, rows, n, vp + k0 * dp, dp, dp);
+    for (int64_t r0 = 0; r0 < rows; r0 += kEdgeRows) {  // mask edge: visible stripes only
+      const int64_t rr = mg_min(kEdgeRows, rows - r0);
+      int64_t lo, hi, lo2, hi2;  // keys seen by the group's first and last row
+      attn_visible_keys(sh, i0 + r0 + shift, k_len, &lo, &hi);
+      attn_visible_keys(sh, i0 + r0 + rr - 1 + shift, k_len, &lo2, &hi2);
+      const int64_t cb = floor16(lo - k0), ce = ceil16(mg_min(hi2, k0 + n) - k0);
+      float* Sr = S + r0 * kAttnBlockK;
+      if (ce > cb) qk_block(Q + r0 * dp, dp, kt + k0, kt_ld, dp, rr, Sr, kAttnBlockK, cb, ce);
+      for (int64_t i = 0; i < rr; ++i) {  // also overwrites the stale columns outside [cb, ce)
+        attn_visible_keys(sh, i0 + r0 + i + shift, k_len, &lo, &hi);
+        mask_outside(Sr + i * kAttnBlockK, lo - k0, mg_min(hi, k0 + n) - k0);
+      }
+      online_softmax(Sr, rr, m + r0, l + r0, O + r0 * dp, dp);
+      const int64_t ce_n = mg_min(ce, n);
+      if (ce_n > cb) pv_block(O + r0 * dp, dp, Sr + cb, kAttnBlockK, 1, rr, ce_n - cb, vp + (k0 + cb) * dp, dp, dp);
+    }
   }
   for (int64_t i = 0; i < rows; ++i)
     finish_row(O + i * dp, m[i], l[i], sh.d, out + i * o_stride, lse ? lse + i * lse_stride : nullptr);
@@ -401,28 +431,44 @@ void attn_bwd_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int64_t
         const float* dOg = dO + (g * q_len + i0) * dp;
         const float* Lg = L + g * q_len + i0;
         const float* Dg = delta + g * q_len + i0;
-        qk_block(Qg, dp, kt + k0, t_ld, dp, rows, P, kAttnBlockK);
-        for (int64_t i = 0; i < rows; ++i) {
-          float* s = P + i * kAttnBlockK;
+        // full block: one pass over all rows and keys; on a mask edge, groups of 16 query
+        // rows over the 16-key stripes [cb, ce) some row of the group sees
+        for (int64_t r0 = 0; r0 < rows; r0 += (full ? rows : kEdgeRows)) {
+          const int64_t rr = full ? rows : mg_min(kEdgeRows, rows - r0);
+          int64_t cb = 0, ce = kAttnBlockK;
           if (!full) {
-            int64_t lo, hi;
-            attn_visible_keys(sh, i0 + i + shift, k_len, &lo, &hi);
-            mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
+            int64_t lo, hi, lo2, hi2;
+            attn_visible_keys(sh, i0 + r0 + shift, k_len, &lo, &hi);
+            attn_visible_keys(sh, i0 + r0 + rr - 1 + shift, k_len, &lo2, &hi2);
+            cb = floor16(lo - k0), ce = ceil16(mg_min(hi2, k0 + n) - k0);
           }
-          exp_row64(s, Lg[i]);
+          const int64_t ce_n = mg_min(ce, n);
+          if (ce_n <= cb) continue;  // no row of the group sees a key of this block
+          float* Pr = P + r0 * kAttnBlockK;
+          float* dSr = dS + r0 * kAttnBlockK;
+          qk_block(Qg + r0 * dp, dp, kt + k0, t_ld, dp, rr, Pr, kAttnBlockK, cb, ce);
+          for (int64_t i = 0; i < rr; ++i) {
+            float* s = Pr + i * kAttnBlockK;
+            if (!full) {  // also overwrites the stale columns outside [cb, ce)
+              int64_t lo, hi;
+              attn_visible_keys(sh, i0 + r0 + i + shift, k_len, &lo, &hi);
+              mask_outside(s, lo - k0, mg_min(hi, k0 + n) - k0);
+            }
+            exp_row64(s, Lg[r0 + i]);
+          }
+          // dV[j] += sum_i P[i, j] dO[i]
+          pv_block(dV + cb * dp, dp, Pr + cb, 1, kAttnBlockK, ce_n - cb, rr, dOg + r0 * dp, dp, dp);
+          qk_block(dOg + r0 * dp, dp, vt + k0, t_ld, dp, rr, dSr, kAttnBlockK, cb, ce);
+          for (int64_t i = 0; i < rr; ++i) {
+            const Vec dl = Vec::set1(Dg[r0 + i]);
+            float* ds = dSr + i * kAttnBlockK;
+            const float* p = Pr + i * kAttnBlockK;
+            for (int64_t j = cb; j < ce; j += Vec::N) (Vec::load(p + j) * (Vec::load(ds + j) - dl)).store(ds + j);
+          }
+          pv_block(dQ + (g * q_len + i0 + r0) * dp, dp, dSr + cb, kAttnBlockK, 1, rr, ce_n - cb,
+                   kp + (k0 + cb) * dp, dp, dp);
+          pv_block(dK + cb * dp, dp, dSr + cb, 1, kAttnBlockK, ce_n - cb, rr, Qg + r0 * dp, dp, dp);
         }
-        // dV[j] += sum_i P[i, j] dO[i]
-        pv_block(dV, dp, P, 1, kAttnBlockK, n, rows, dOg, dp, dp);
-        qk_block(dOg, dp, vt + k0, t_ld, dp, rows, dS, kAttnBlockK);
-        for (int64_t i = 0; i < rows; ++i) {
-          const Vec dl = Vec::set1(Dg[i]);
-          float* ds = dS + i * kAttnBlockK;
-          const float* p = P + i * kAttnBlockK;
-          for (int j = 0; j < kAttnBlockK; j += Vec::N)
-            (Vec::load(p + j) * (Vec::load(ds + j) - dl)).store(ds + j);
-        }
-        pv_block(dQ + (g * q_len + i0) * dp, dp, dS, kAttnBlockK, 1, rows, n, kp + k0 * dp, dp, dp);
-        pv_block(dK, dp, dS, 1, kAttnBlockK, n, rows, Qg, dp, dp);
       }
     }
     for (int64_t j = 0; j < n; ++j) {
@@ -601,13 +647,6 @@ MG_BF16_TARGET inline void qk_block_bf16(const uint16_t* A, int64_t lda, const u
     default: break;
   }
 }
-
-// Tiles that cross a mask edge are done in groups of 16 rows, each computing only the
-// 16-column stripes [c_begin, c_end) that some row of the group can see: on the causal
-// diagonal that skips almost half the work. Columns left out are masked by the caller.
-constexpr int64_t kEdgeRows = 16;
-inline int64_t floor16(int64_t x) { return mg_max(0, mg_min(64, x)) / 16 * 16; }
-inline int64_t ceil16(int64_t x) { return (mg_max(0, mg_min(64, x)) + 15) / 16 * 16; }
 
 // C[MR x NV*16] += P[MR x inner] (bf16 rows, zero past `inner`) @ B (pair-interleaved rows)
 template <int MR, int NV>
