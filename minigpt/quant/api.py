@@ -25,6 +25,7 @@ from torch import nn
 from minigpt.nn.quant_linear import QuantLinear
 
 QUANT_METADATA_KEY = "minigpt_quant"
+QUANT_METHODS = ("rtn", "mse", "gptq")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def quantize_(
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     include_lm_head: bool = False,
     calibration: torch.Tensor | Iterable[object] | None = None,
+    method: str | None = None,
 ) -> nn.Module:
     """Replace ``nn.Linear`` layers of ``model`` by :class:`QuantLinear`, in place.
 
@@ -91,10 +93,23 @@ def quantize_(
             True are quantized (default: all but ``lm_head``).
         include_lm_head: also quantize layers named ``lm_head`` (ignored when
             ``filter_fn`` is given).
-        calibration: None for round-to-nearest; else model inputs (a tensor
-            of token ids, or an iterable of batches) to run through the float
-            model, and every layer is quantized with GPTQ, which corrects the
-            rounding error using those inputs (:mod:`minigpt.quant.gptq`).
+        calibration: model inputs (a tensor of token ids, or an iterable of
+            batches) run once through the float model to measure what each
+            layer's inputs look like; needed by ``method="gptq"``, optional
+            for ``"mse"``. Use different text from what you evaluate on.
+        method: how weights are rounded (all give the same packed format):
+
+            * ``"rtn"``: round to nearest on each group's [min, max] range.
+            * ``"mse"``: search each group's scale and zero point for the
+              lowest error (:mod:`minigpt.quant.search`); with
+              ``calibration`` the error of input channel j is weighted by
+              ``E[x_j^2]`` (activation-aware), without it plain weight MSE.
+            * ``"gptq"``: GPTQ (:mod:`minigpt.quant.gptq`): rounds columns
+              one at a time and corrects the rest for the error, with
+              activation-weighted searched group parameters; the most
+              accurate, needs ``calibration``.
+
+            Default: ``"gptq"`` when ``calibration`` is given, else ``"rtn"``.
 
     Layers whose input size is not a multiple of the block size cannot use a
     4-bit format; they stay in float and a warning names them.
@@ -106,6 +121,14 @@ def quantize_(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, QuantConfig):
         raise TypeError("config must be Int8WeightOnly(), Int4WeightOnly(...) or NF4(...)")
+    if method is None:
+        method = "rtn" if calibration is None else "gptq"
+    if method not in QUANT_METHODS:
+        raise ValueError(f"method must be one of {QUANT_METHODS}, got {method!r}")
+    if method == "gptq" and calibration is None:
+        raise ValueError("method='gptq' needs calibration inputs (calibration=batches)")
+    if method == "rtn" and calibration is not None:
+        raise ValueError("method='rtn' uses no calibration; pass method='gptq' or 'mse'")
     if filter_fn is None:
         filter_fn = (lambda n, m: True) if include_lm_head else _default_filter
     targets = [
@@ -121,8 +144,26 @@ def quantize_(
         from minigpt.quant.gptq import gptq_quantize_linears
 
         new_layers = gptq_quantize_linears(
-            model, dict(targets), config.fmt, config.block or 64, calibration, config.act_quant
+            model,
+            dict(targets),
+            config.fmt,
+            config.block or 64,
+            calibration,
+            config.act_quant,
+            method=method,
         )
+    elif method == "mse":
+        from minigpt.quant.gptq import quant_linear_from_weight
+        from minigpt.quant.search import mse_quantize_weight
+
+        new_layers = {
+            name: quant_linear_from_weight(
+                linear,
+                mse_quantize_weight(linear.weight, config.fmt, config.block or 64),
+                config.act_quant,
+            )
+            for name, linear in targets
+        }
     else:
         new_layers = {
             name: QuantLinear.from_linear(linear, config.fmt, config.block or 64, config.act_quant)

@@ -44,13 +44,9 @@ import torch
 from torch import nn
 
 from minigpt.kernels.quant import FORMATS, QuantizedWeight
-from minigpt.kernels.reference.quant import (
-    INT4_GROUP_SIZES,
-    NF4_CODEBOOK,
-    PACK_RUN,
-    pack_4bit,
-)
+from minigpt.kernels.reference.quant import INT4_GROUP_SIZES, PACK_RUN, pack_4bit
 from minigpt.nn.quant_linear import QuantLinear
+from minigpt.quant.search import quantize_with_params, rtn_group_params, search_group_params
 
 GPTQ_BLOCK = 128  # columns per lazy-update block
 
@@ -123,22 +119,6 @@ class HessianCollector:
         return self.sums[name] * (2.0 / self.counts[name])
 
 
-# ---- per-group quantizers (the same formulas as the RTN reference) ---------------------
-
-
-def _int4_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, G) group -> (scale as stored (bf16-rounded, float32), integer zero), both (N,)."""
-    lo = w.amin(dim=1).clamp_max(0.0)
-    hi = w.amax(dim=1).clamp_min(0.0)
-    scale = ((hi - lo) / 15.0).clamp_min(1e-8).to(torch.bfloat16).float()
-    zero = torch.round(-lo / scale).clamp(0, 15)
-    return scale, zero
-
-
-_NF4 = torch.tensor(NF4_CODEBOOK, dtype=torch.float32)
-_NF4_MIDS = (_NF4[1:] + _NF4[:-1]) / 2
-
-
 def gptq_quantize_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -146,6 +126,7 @@ def gptq_quantize_weight(
     block: int = 64,
     *,
     damp: float = 0.01,
+    group_params: str = "mse",
 ) -> QuantizedWeight:
     """Quantize an (N, K) weight with GPTQ, given the (K, K) Hessian of its inputs.
 
@@ -158,6 +139,11 @@ def gptq_quantize_weight(
             ``"nf4"`` (block absmax + normal-float code book).
         block: int4 group size / nf4 block size (ignored for int8).
         damp: fraction of the mean diagonal added to H's diagonal.
+        group_params: how each group's scale (and int4 zero) is chosen from
+            the error-updated weights when the group starts: ``"mse"``
+            searches for the lowest error weighted by ``diag(H)`` (see
+            :mod:`minigpt.quant.search`), ``"minmax"`` uses the
+            round-to-nearest range. int8 always takes the original row's absmax.
 
     Returns:
         A :class:`QuantizedWeight` in the standard packed layout, usable by
@@ -181,12 +167,16 @@ def gptq_quantize_weight(
         )
     if not 0 <= damp < 1:
         raise ValueError(f"damp must be in [0, 1), got {damp}")
+    if group_params not in ("mse", "minmax"):
+        raise ValueError(f"group_params must be 'mse' or 'minmax', got {group_params!r}")
 
     w = weight.detach().float().clone()
     h = hessian.detach().double().clone()
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    # diag(H) ~ E[x_j^2]: the cost of an error in column j, for the group search
+    importance = torch.diagonal(h).float().clone()
     h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=h.dtype)
     chol, info = torch.linalg.cholesky_ex(h)
     if int(info):
@@ -213,21 +203,17 @@ def gptq_quantize_weight(
             gi = col // group
             if col % group == 0 and fmt != "int8":
                 g = wb[:, i : i + group]
-                if fmt == "int4":
-                    scales[:, gi], zeros[:, gi] = _int4_params(g)
+                if group_params == "mse":
+                    s_g, z_g = search_group_params(g, fmt, importance[col : col + group])
                 else:
-                    scales[:, gi] = g.abs().amax(dim=1).clamp_min(1e-12)
-            s = scales[:, gi]
-            x = wb[:, i]
-            if fmt == "int4":
-                q = (torch.round(x / s) + zeros[:, gi]).clamp(0, 15)
-                deq = (q - zeros[:, gi]) * s
-            elif fmt == "int8":
-                q = torch.round(x / s).clamp(-127, 127)
-                deq = q * s
-            else:
-                q = torch.bucketize((x / s).contiguous(), _NF4_MIDS).float()
-                deq = _NF4[q.long()] * s
+                    s_g, z_g = rtn_group_params(g, fmt)
+                scales[:, gi] = s_g
+                if z_g is not None:
+                    zeros[:, gi] = z_g
+            x = wb[:, i : i + 1]
+            z_col = zeros[:, gi] if fmt == "int4" else None
+            q, deq = quantize_with_params(x, fmt, scales[:, gi], z_col)
+            q, deq, x = q[:, 0], deq[:, 0], x[:, 0]
             codes[:, col] = q
             err = (x - deq) / ub[i, i]
             wb[:, i:] -= err[:, None] * ub[i, i:][None, :]
@@ -264,30 +250,15 @@ def _run_batch(model: nn.Module, batch: object) -> None:
         )
 
 
-def gptq_quantize_linears(
-    model: nn.Module,
-    targets: Mapping[str, nn.Linear],
-    fmt: str,
-    block: int,
-    calibration: torch.Tensor | Iterable[object],
-    act_quant: str | None = None,
-    damp: float = 0.01,
-) -> dict[str, QuantLinear]:
-    """Run ``calibration`` through the float ``model``, then GPTQ every target linear.
+def collect_hessians(
+    model: nn.Module, targets: Mapping[str, nn.Linear], calibration: torch.Tensor | Iterable[object]
+) -> dict[str, torch.Tensor]:
+    """Run ``calibration`` through ``model`` (eval mode, no grad) and return
+    ``{name: H}``, the (K, K) float64 Hessian of each target linear's inputs.
 
-    All Hessians are collected in one calibration pass over the float model
-    (each layer sees float inputs, not those of already quantized layers).
-
-    Args:
-        model: the float model (not modified here).
-        targets: ``{name: linear}`` layers to quantize.
-        fmt, block, act_quant: as in :class:`QuantLinear`.
-        calibration: one batch (a tensor of model inputs, e.g. token ids) or an
-            iterable of batches (tensors, tuples of positional args, or dicts
-            of keyword args). A few thousand tokens of ordinary text suffice.
-
-    Returns:
-        ``{name: QuantLinear}`` ready to be swapped in.
+    ``calibration`` is one batch (a tensor of model inputs, e.g. token ids) or an
+    iterable of batches (tensors, tuples of positional args, or dicts of
+    keyword args). A few thousand tokens of ordinary text suffice.
     """
     batches = [calibration] if isinstance(calibration, torch.Tensor) else calibration
     if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes, Mapping)):
@@ -303,16 +274,74 @@ def gptq_quantize_linears(
                 _run_batch(model, batch)
     finally:
         model.train(was_training)
+    return {name: hc.hessian(name) for name in targets}
+
+
+def quant_linear_from_weight(
+    linear: nn.Linear, qw: QuantizedWeight, act_quant: str | None = None
+) -> QuantLinear:
+    """A :class:`QuantLinear` holding ``qw`` (already quantized) and ``linear``'s bias."""
+    has_bias = linear.bias is not None
+    dtype = linear.bias.dtype if has_bias else linear.weight.dtype
+    m = QuantLinear(
+        linear.in_features,
+        linear.out_features,
+        qw.fmt,
+        qw.block or 64,
+        has_bias,
+        dtype,
+        "meta",
+        act_quant,
+    )
+    m.qweight, m.scales, m.zeros = qw.qweight, qw.scales, qw.zeros
+    if has_bias:
+        m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return m.to(linear.weight.device)
+
+
+CALIBRATED_METHODS = ("gptq", "mse")
+
+
+def gptq_quantize_linears(
+    model: nn.Module,
+    targets: Mapping[str, nn.Linear],
+    fmt: str,
+    block: int,
+    calibration: torch.Tensor | Iterable[object],
+    act_quant: str | None = None,
+    damp: float = 0.01,
+    method: str = "gptq",
+) -> dict[str, QuantLinear]:
+    """Run ``calibration`` through the float ``model``, then quantize every target linear.
+
+    All Hessians are collected in one calibration pass over the float model
+    (each layer sees float inputs, not those of already quantized layers).
+
+    Args:
+        model: the float model (not modified here).
+        targets: ``{name: linear}`` layers to quantize.
+        fmt, block, act_quant: as in :class:`QuantLinear`.
+        calibration: model inputs, see :func:`collect_hessians`.
+        damp: GPTQ's damping (fraction of the mean diagonal of H).
+        method: ``"gptq"`` (error feedback, with searched group parameters)
+            or ``"mse"`` (only the activation-weighted group search of
+            :mod:`minigpt.quant.search`, weights ``diag(H)``; no error feedback).
+
+    Returns:
+        ``{name: QuantLinear}`` ready to be swapped in.
+    """
+    from minigpt.quant.search import mse_quantize_weight
+
+    if method not in CALIBRATED_METHODS:
+        raise ValueError(f"method must be one of {CALIBRATED_METHODS}, got {method!r}")
+    hessians = collect_hessians(model, targets, calibration)
     out = {}
     for name, linear in targets.items():
-        qw = gptq_quantize_weight(linear.weight, hc.hessian(name), fmt, block, damp=damp)
-        has_bias = linear.bias is not None
-        dtype = linear.bias.dtype if has_bias else linear.weight.dtype
-        m = QuantLinear(
-            linear.in_features, linear.out_features, fmt, block, has_bias, dtype, "meta", act_quant
-        )
-        m.qweight, m.scales, m.zeros = qw.qweight, qw.scales, qw.zeros
-        if has_bias:
-            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        out[name] = m.to(linear.weight.device)
+        h = hessians.pop(name)
+        if method == "gptq":
+            qw = gptq_quantize_weight(linear.weight, h, fmt, block, damp=damp)
+        else:
+            importance = torch.diagonal(h).float().clamp_min(0)
+            qw = mse_quantize_weight(linear.weight, fmt, block, importance)
+        out[name] = quant_linear_from_weight(linear, qw, act_quant)
     return out
