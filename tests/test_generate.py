@@ -272,9 +272,49 @@ def test_fused_decode_step_every_isa_and_thread_count(isa, dtype):
                     tokens = expected.argmax(-1)
     finally:
         torch.set_num_threads(threads)
+    w, rows = fused.in_cpp, torch.arange(2)
     with pytest.raises(RuntimeError, match="qkv_w"):
-        w = fused.in_cpp
         torch.ops.minigpt.gemv_decode_step(
             model.embed.weight[:2].clone(), w[0], [t[:-1] for t in w[1]], *w[2:6], cache.k,
-            cache.v, cache.seqlens, fused.cos, fused.sin, w[6], w[7], 4, 2, 10, w[8], 0.3,
+            cache.v, rows, cache.seqlens, rows, fused.cos, fused.sin, w[6], w[7], 4, 2, 10,
+            w[8], 0.3,
         )  # fmt: skip
+    with pytest.raises(RuntimeError, match="same position"):
+        torch.ops.minigpt.gemv_decode_step(
+            model.embed.weight[:2].clone(), *w[:6], cache.k, cache.v, torch.zeros(2).long(),
+            torch.zeros(2).long(), rows, fused.cos, fused.sin, w[6], w[7], 4, 2, 10, w[8], 0.3,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_prefill_matches_the_model(dtype, monkeypatch):
+    """Short prompts prefilled in one fused call: same logits and cache as model(...)."""
+    import importlib
+
+    from minigpt.infer import prefill
+
+    engine = importlib.import_module("minigpt.infer.generate")  # the module, not the function
+
+    model = tiny_model().to(dtype)
+    rows = [[1, 2, 3, 4, 5], [7, 8], [9]]
+    assert engine.fused_prefill(model, rows, 12) is not None
+    cache, logits = prefill(model, rows, 12)
+    monkeypatch.setattr(engine, "fused_prefill", lambda *args: None)  # the general path
+    ref_cache, ref_logits = prefill(model, rows, 12)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(logits, ref_logits, atol=tol, rtol=tol)
+    assert torch.equal(cache.seqlens, ref_cache.seqlens)
+    for a, b in zip(cache.k + cache.v, ref_cache.k + ref_cache.v):
+        for row, n in enumerate(map(len, rows)):  # past a prompt the general path has padding
+            torch.testing.assert_close(a[row, :n], b[row, :n], atol=tol, rtol=tol)
+    # the whole generation agrees with the general path's
+    monkeypatch.undo()
+    fused_out = generate(model, rows, temperature=0, max_new_tokens=6)
+    monkeypatch.setattr(engine, "fused_prefill", lambda *args: None)
+    assert [g.tokens for g in fused_out] == [
+        g.tokens for g in generate(model, rows, temperature=0, max_new_tokens=6)
+    ]
+    # more than MAX_GEMV_ROWS tokens: not fused
+    from minigpt.infer.fast_decode import fused_prefill
+
+    assert fused_prefill(model, [list(range(1, 18))], 20) is None

@@ -20,7 +20,10 @@ struct DecodeStepArgs {
   const T* const* down_w;       // (d, F)
   T* const* k_cache;            // (B, max_len, Hkv, D)
   T* const* v_cache;
-  const int64_t* seqlens;  // (B,) position of each row's new token
+  const int64_t* cache_row;  // (B,) the cache row (sequence) each input row belongs to
+  const int64_t* positions;  // (B,) the position of each input row's token in it
+  const int64_t* head_rows;  // (n_head_rows,) the input rows that get logits
+  int64_t n_head_rows;
   const float* cos;        // (max_len, D/2)
   const float* sin;
   const T* final_norm_w;  // (d,)
@@ -34,7 +37,7 @@ struct DecodeStepArgs {
   T* o;           // (B, d)
   T* act;         // (B, F)
   T* delta;       // (B, d)
-  float* logits;  // (B, V)
+  float* logits;  // (n_head_rows, V)
   // per-thread scratch, `scratch_elems` T's each, `scratch_floats` floats each
   T* scratch;
   int64_t scratch_elems;

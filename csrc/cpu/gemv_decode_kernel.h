@@ -8,20 +8,27 @@
 // ~300 small kernels, each a thread fork/join, an allocation and a dispatcher call.
 // Here the team is started ONCE per step and every thread streams its own disjoint
 // share of the rows of every weight matrix; threads only meet at a barrier where a
-// result is needed whole (5 per layer):
+// result is needed whole (6 per layer):
 //
 //   every thread:  x = rms_norm(h += delta)        (each keeps its own copy of h and
 //                                                   x: computing them twice is cheaper
 //                                                   than a barrier)
 //   split rows:    qkv = x Wqkv^T                   | barrier
-//   split heads:   q, k = rope(q, k); y = attention(q, [cache, k], [cache, v]);
-//                  the owner of each kv head appends k, v to the cache | barrier
+//   split kv heads: k = rope(k); append k, v to the cache at each row's position
+//                                                   | barrier
+//   split heads:   q = rope(q); y = attention(q, cache, cache) | barrier
 //   split rows:    o = y Wo^T                       | barrier
 //   every thread:  x = rms_norm(h += o)
 //   split rows:    act = silu(x Wgate^T) * (x Wup^T) (gate and up rows of the same
 //                  features in one pass: SwiGLU fused into the GEMV) | barrier
 //   split rows:    delta = act Wdown^T              | barrier
-//   ... then x = final_norm(h += delta); split rows: logits = x Whead^T (float32).
+//   ... then x = final_norm(h += delta); split rows: logits = x Whead^T (float32),
+//   for the rows listed in head_rows only.
+//
+// Rows are tokens: row r is the token at positions[r] of cache row cache_row[r].
+// Decoding has one row per sequence; a prefill passes a prompt's tokens as rows of
+// one sequence (the causal mask falls out: a row reads positions 0..its own, all
+// appended before the barrier).
 //
 // Rounding follows the op-by-op path: activations are stored in T between steps
 // (q, k after rope, y, o, gate/up outputs, act), sums are float32.
@@ -112,50 +119,50 @@ inline void decode_axpy(float p, const T* v, float* acc, int64_t n) {
   }
 }
 
-// Attention of the (row, head) pairs this thread owns, over the cache plus the new key.
+// Step 1 of attention: rope the new keys and append keys/values to the cache, for
+// the (row, kv head) pairs this thread owns.
 template <typename T>
-void decode_attention(const DecodeStepArgs<T>& a, int64_t layer, int tid, int team, T* rot,
+void decode_append_kv(const DecodeStepArgs<T>& a, int64_t layer, int tid, int team) {
+  const int64_t H = a.H, Hkv = a.Hkv, D = a.D, half = D / 2;
+  const int64_t qkv_n = (H + 2 * Hkv) * D;
+  for (int64_t pair = tid; pair < a.B * Hkv; pair += team) {
+    const int64_t r = pair / Hkv, g = pair % Hkv, pos = a.positions[r];
+    const T* row = a.qkv + r * qkv_n;
+    const int64_t at = ((a.cache_row[r] * a.max_len + pos) * Hkv + g) * D;
+    decode_rope_head(row + (H + g) * D, a.cos + pos * half, a.sin + pos * half, half,
+                     a.k_cache[layer] + at);
+    std::copy(row + (H + Hkv + g) * D, row + (H + Hkv + g + 1) * D, a.v_cache[layer] + at);
+  }
+}
+
+// Step 2 (after a barrier): attention of the (row, head) pairs this thread owns over
+// cache positions 0..pos of the row's sequence (its own key included).
+template <typename T>
+void decode_attention(const DecodeStepArgs<T>& a, int64_t layer, int tid, int team, T* q_rot,
                       float* f) {
   const int64_t H = a.H, Hkv = a.Hkv, D = a.D, half = D / 2, group = H / Hkv;
-  const int64_t qkv_n = (H + 2 * Hkv) * D;
-  T* kc = a.k_cache[layer];
-  T* vc = a.v_cache[layer];
-  T* q_rot = rot;      // D
-  T* k_rot = rot + D;  // D
-  float* out = f;      // D floats
+  const int64_t qkv_n = (H + 2 * Hkv) * D, stride = Hkv * D;
+  float* out = f;  // D floats
   float* scores = f + D;
   for (int64_t pair = tid; pair < a.B * H; pair += team) {
-    const int64_t b = pair / H, h = pair % H, g = h / group;
-    const int64_t pos = a.seqlens[b];
-    const T* row = a.qkv + b * qkv_n;
-    const float* c = a.cos + pos * half;
-    const float* s = a.sin + pos * half;
-    decode_rope_head(row + h * D, c, s, half, q_rot);
-    decode_rope_head(row + (H + g) * D, c, s, half, k_rot);
-    const T* v_new = row + (H + Hkv + g) * D;
-    const T* kb = kc + (b * a.max_len * Hkv + g) * D;  // position j at kb + j * Hkv * D
-    const T* vb = vc + (b * a.max_len * Hkv + g) * D;
+    const int64_t r = pair / H, h = pair % H, g = h / group, pos = a.positions[r];
+    decode_rope_head(a.qkv + r * qkv_n + h * D, a.cos + pos * half, a.sin + pos * half, half,
+                     q_rot);
+    const int64_t base = (a.cache_row[r] * a.max_len * Hkv + g) * D;
+    const T* kb = a.k_cache[layer] + base;  // position j at kb + j * stride
+    const T* vb = a.v_cache[layer] + base;
     float mx = -INFINITY;
-    for (int64_t j = 0; j < pos; ++j) {
-      scores[j] = decode_dot(q_rot, kb + j * Hkv * D, D) * a.scale;
+    for (int64_t j = 0; j <= pos; ++j) {
+      scores[j] = decode_dot(q_rot, kb + j * stride, D) * a.scale;
       mx = std::max(mx, scores[j]);
     }
-    scores[pos] = decode_dot(q_rot, k_rot, D) * a.scale;
-    mx = std::max(mx, scores[pos]);
     float sum = 0.f;
     for (int64_t j = 0; j <= pos; ++j) sum += scores[j] = std::exp(scores[j] - mx);
     std::fill(out, out + D, 0.f);
-    for (int64_t j = 0; j < pos; ++j) decode_axpy(scores[j], vb + j * Hkv * D, out, D);
-    decode_axpy(scores[pos], v_new, out, D);
+    for (int64_t j = 0; j <= pos; ++j) decode_axpy(scores[j], vb + j * stride, out, D);
     const float inv = 1.f / sum;
-    T* yo = a.y + b * H * D + h * D;
+    T* yo = a.y + r * H * D + h * D;
     for (int64_t i = 0; i < D; ++i) yo[i] = from_f32<T>(out[i] * inv);
-    // the first query head of each kv head appends that head's k, v (nobody reads
-    // position pos from the cache during this step, so this races with no one)
-    if (h % group == 0) {
-      std::copy(k_rot, k_rot + D, kc + ((b * a.max_len + pos) * Hkv + g) * D);
-      std::copy(v_new, v_new + D, vc + ((b * a.max_len + pos) * Hkv + g) * D);
-    }
   }
 }
 
@@ -189,6 +196,8 @@ void decode_step_team(const DecodeStepArgs<T>& a, int tid, int team, void (*barr
       decode_gemv<T, T>(a, x, d, a.qkv_w[l], a.qkv, qkv_n, n0, n1);
     }
     barrier();
+    decode_append_kv<T>(a, l, tid, team);
+    barrier();
     decode_attention<T>(a, l, tid, team, rot, f);
     barrier();
     {
@@ -220,7 +229,14 @@ void decode_step_team(const DecodeStepArgs<T>& a, int tid, int team, void (*barr
     }
     barrier();
   }
-  decode_norm<T>(a.delta, h, a.final_norm_w, x, hbuf[cur], B, d, a.eps);
+  // the final norm and the LM head, only for the rows that need logits
+  T* xh = hbuf[cur];  // h's spare buffer, free now
+  for (int64_t i = 0; i < a.n_head_rows; ++i) {
+    const int64_t r = a.head_rows[i];
+    decode_norm<T>(a.delta + r * d, h + r * d, a.final_norm_w, xh + i * d, x, 1, d, a.eps);
+  }
   const auto [n0, n1] = decode_share(a.V, tid, team);
-  decode_gemv<T, float>(a, x, d, a.head_w, a.logits, a.V, n0, n1);
+  auto head = a;
+  head.B = a.n_head_rows;
+  decode_gemv<T, float>(head, xh, d, a.head_w, a.logits, a.V, n0, n1);
 }

@@ -8,9 +8,12 @@
 // (the math, and which thread does what, is in gemv_decode_kernel.h).
 //
 // Registered as torch.ops.minigpt.gemv_decode_step(h, attn_norm_w, qkv_w, o_w,
-// mlp_norm_w, up_w, down_w, k_caches, v_caches, seqlens, cos, sin, final_norm_w,
-// head_w, n_head, n_kv_head, head_dim, eps, scale) -> float32 logits (B, V).
-// It appends each row's new key/value at seqlens[b] but does not advance seqlens.
+// mlp_norm_w, up_w, down_w, k_caches, v_caches, cache_row, positions, head_rows, cos,
+// sin, final_norm_w, head_w, n_head, n_kv_head, head_dim, eps, scale) -> float32
+// logits (len(head_rows), V). Row r of h is the token at positions[r] of sequence
+// cache_row[r]: decoding passes one row per sequence (positions = seqlens), a
+// prefill the tokens of a prompt. Keys/values are appended at those positions;
+// the caller advances seqlens.
 // minigpt/infer/fast_decode.py is the caller (and the readable Python version of
 // the same step).
 #include <ATen/Parallel.h>
@@ -57,7 +60,8 @@ std::vector<T*> pointers(at::TensorList ts) {
 Tensor gemv_decode_step(const Tensor& h, at::TensorList attn_norm_w, at::TensorList qkv_w,
                         at::TensorList o_w, at::TensorList mlp_norm_w, at::TensorList up_w,
                         at::TensorList down_w, at::TensorList k_caches, at::TensorList v_caches,
-                        const Tensor& seqlens, const Tensor& cos, const Tensor& sin,
+                        const Tensor& cache_row, const Tensor& positions, const Tensor& head_rows,
+                        const Tensor& cos, const Tensor& sin,
                         const Tensor& final_norm_w, const Tensor& head_w, int64_t n_head,
                         int64_t n_kv_head, int64_t head_dim, double eps, double scale) {
   const int64_t L = int64_t(attn_norm_w.size());
@@ -73,7 +77,7 @@ Tensor gemv_decode_step(const Tensor& h, at::TensorList attn_norm_w, at::TensorL
               "gemv_decode_step: need n_head a multiple of n_kv_head and an even head_dim");
   const auto dt = h.scalar_type();
   TORCH_CHECK(k_caches[0].dim() == 4, "gemv_decode_step: caches must be (B, max_len, Hkv, D)");
-  const int64_t max_len = k_caches[0].size(1);
+  const int64_t batch = k_caches[0].size(0), max_len = k_caches[0].size(1);
   TORCH_CHECK(up_w[0].dim() == 2 && up_w[0].size(0) % 2 == 0, "gemv_decode_step: bad up_w");
   const int64_t F = up_w[0].size(0) / 2, qkv_n = (H + 2 * Hkv) * D;
   for (int64_t l = 0; l < L; ++l) {
@@ -83,8 +87,8 @@ Tensor gemv_decode_step(const Tensor& h, at::TensorList attn_norm_w, at::TensorL
     check_shape(mlp_norm_w[l], {d}, dt, "mlp_norm_w");
     check_shape(up_w[l], {2 * F, d}, dt, "up_w");
     check_shape(down_w[l], {d, F}, dt, "down_w");
-    check_shape(k_caches[l], {B, max_len, Hkv, D}, dt, "k_caches");
-    check_shape(v_caches[l], {B, max_len, Hkv, D}, dt, "v_caches");
+    check_shape(k_caches[l], {batch, max_len, Hkv, D}, dt, "k_caches");
+    check_shape(v_caches[l], {batch, max_len, Hkv, D}, dt, "v_caches");
   }
   check_shape(final_norm_w, {d}, dt, "final_norm_w");
   TORCH_CHECK(head_w.dim() == 2, "gemv_decode_step: head_w must be (V, d_model)");
@@ -92,18 +96,35 @@ Tensor gemv_decode_step(const Tensor& h, at::TensorList attn_norm_w, at::TensorL
   check_shape(head_w, {V, d}, dt, "head_w");
   check_shape(cos, {cos.size(0), D / 2}, at::kFloat, "cos");
   check_shape(sin, cos.sizes(), at::kFloat, "sin");
-  check_shape(seqlens, {B}, at::kLong, "seqlens");
+  check_shape(cache_row, {B}, at::kLong, "cache_row");
+  check_shape(positions, {B}, at::kLong, "positions");
+  check_cpu_contiguous(head_rows, "head_rows");
+  TORCH_CHECK(head_rows.dim() == 1 && head_rows.scalar_type() == at::kLong,
+              "gemv_decode_step: head_rows must be a 1-D int64 tensor");
   TORCH_CHECK(cos.size(0) >= max_len, "gemv_decode_step: cos/sin need max_len rows");
-  const int64_t* pos = ptr<const int64_t>(seqlens);
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pos[b] >= 0 && pos[b] < max_len, "gemv_decode_step: row ", b, " at position ",
-                pos[b], " is outside the KV cache (", max_len, " positions)");
+  const int64_t* seq = ptr<const int64_t>(cache_row);
+  const int64_t* pos = ptr<const int64_t>(positions);
+  for (int64_t r = 0; r < B; ++r) {
+    TORCH_CHECK(seq[r] >= 0 && seq[r] < batch, "gemv_decode_step: row ", r, " has cache row ",
+                seq[r], " but the cache has ", batch);
+    TORCH_CHECK(pos[r] >= 0 && pos[r] < max_len, "gemv_decode_step: row ", r, " at position ",
+                pos[r], " is outside the KV cache (", max_len, " positions)");
+    for (int64_t q = 0; q < r; ++q)  // two rows writing one cache slot would race
+      TORCH_CHECK(seq[q] != seq[r] || pos[q] != pos[r], "gemv_decode_step: rows ", q, " and ", r,
+                  " are the same position of the same sequence");
+  }
+  const int64_t n_head_rows = head_rows.size(0);
+  const int64_t* hrows = ptr<const int64_t>(head_rows);
+  for (int64_t i = 0; i < n_head_rows; ++i)
+    TORCH_CHECK(hrows[i] >= 0 && hrows[i] < B, "gemv_decode_step: head_rows[", i, "] = ",
+                hrows[i], " is not a row");
+  TORCH_CHECK(n_head_rows <= B, "gemv_decode_step: more head_rows than rows");
 
   int team = 1;
 #ifdef _OPENMP
   if (!at::in_parallel_region()) team = std::max(1, at::get_num_threads());
 #endif
-  Tensor logits = at::empty({B, V}, h.options().dtype(at::kFloat));
+  Tensor logits = at::empty({n_head_rows, V}, h.options().dtype(at::kFloat));
   // one workspace: shared results, then each thread's scratch (see the kernel)
   const int64_t shared = B * (qkv_n + H * D + d + F + d);
   const int64_t share_f = (F + 4 * team - 1) / team + 4;  // >= any thread's feature share
@@ -124,7 +145,8 @@ Tensor gemv_decode_step(const Tensor& h, at::TensorList attn_norm_w, at::TensorL
     a.attn_norm_w = norm1.data(), a.qkv_w = qkv.data(), a.o_w = o.data();
     a.mlp_norm_w = norm2.data(), a.up_w = up.data(), a.down_w = down.data();
     a.k_cache = kc.data(), a.v_cache = vc.data();
-    a.seqlens = pos, a.cos = ptr<const float>(cos), a.sin = ptr<const float>(sin);
+    a.cache_row = seq, a.positions = pos, a.head_rows = hrows, a.n_head_rows = n_head_rows;
+    a.cos = ptr<const float>(cos), a.sin = ptr<const float>(sin);
     a.final_norm_w = ptr<const T>(final_norm_w), a.head_w = ptr<const T>(head_w);
     a.eps = float(eps), a.scale = float(scale);
     a.bf16dp = false;
@@ -164,8 +186,8 @@ TORCH_LIBRARY_FRAGMENT(minigpt, m) {
   m.def(
       "gemv_decode_step(Tensor h, Tensor[] attn_norm_w, Tensor[] qkv_w, Tensor[] o_w, "
       "Tensor[] mlp_norm_w, Tensor[] up_w, Tensor[] down_w, Tensor(a!)[] k_caches, "
-      "Tensor(b!)[] v_caches, Tensor seqlens, Tensor cos, Tensor sin, Tensor final_norm_w, "
-      "Tensor head_w, int n_head, int n_kv_head, int head_dim, float eps, float scale) -> Tensor");
+      "Tensor(b!)[] v_caches, Tensor cache_row, Tensor positions, Tensor head_rows, Tensor cos, "
+      "Tensor sin, Tensor final_norm_w, Tensor head_w, int n_head, int n_kv_head, int head_dim, float eps, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(minigpt, CPU, m) { m.impl("gemv_decode_step", &minigpt::cpu::gemv_decode_step); }

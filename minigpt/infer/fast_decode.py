@@ -94,29 +94,8 @@ class DecodeStep:
         ]
         self.final_norm = (model.final_norm.weight, model.final_norm.eps)
         self.lm_head = model.lm_head
-        # the whole step in one C++ call (gemv_decode_step) when every projection and
-        # the LM head are plain bias-free nn.Linear, every norm has one eps and every
-        # weight has the embedding's dtype: no per-op Python, allocation or fork/join
-        head = self.lm_head
-        linears = [lin for layer in self.layers for lin in (layer[2], layer[3], *layer[6:])]
-        linears.append(head)
-        eps = {layer[1] for layer in self.layers} | {layer[5] for layer in self.layers}
-        eps.add(self.final_norm[1])
-        self.in_cpp = None
-        if (
-            all(type(lin) is nn.Linear and lin.bias is None for lin in linears)
-            and len(eps) == 1
-            and all(p.dtype == self.embed.dtype for p in model.parameters())
-        ):
-            self.in_cpp = (
-                *(
-                    [layer[j].weight if j in (2, 3, 6, 7) else layer[j] for layer in self.layers]
-                    for j in (0, 2, 3, 4, 6, 7)
-                ),
-                self.final_norm[0],
-                head.weight,
-                eps.pop(),
-            )
+        self.in_cpp = fused_weights(model)
+        self._rows = torch.arange(MAX_GEMV_ROWS)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -159,11 +138,8 @@ class DecodeStep:
             raise ValueError(f"KV cache is full ({cache.max_len} positions)")
         h = self.embed.index_select(0, tokens)  # (B, d) residual stream
         if self.in_cpp is not None and B <= MAX_GEMV_ROWS:
-            *weights, final_w, head_w, eps = self.in_cpp
-            logits = ops.gemv_decode_step(
-                h, *weights, cache.k, cache.v, seqlens, self.cos, self.sin, final_w, head_w,
-                H, Hkv, D, eps, self.scale,
-            )  # fmt: skip
+            rows = self._rows[:B]  # row b is the next token of sequence b
+            logits = _fused_step(self, h, rows, seqlens, rows, self.cos, self.sin)
             seqlens += 1
             return logits
         cos = self.cos.index_select(0, seqlens)[:, None]  # (B, 1, D/2)
@@ -193,6 +169,81 @@ class DecodeStep:
         if type(head) is nn.Linear:
             return linear(x, head.weight, head.bias, float_out=True)
         return head(x).float()
+
+
+def fused_weights(model: nn.Module) -> tuple | None:
+    """The weight lists of ``gemv_decode_step`` for ``model``, or None if it does not apply.
+
+    It applies when every projection and the LM head are plain bias-free
+    ``nn.Linear``, every norm has one eps and every weight has the embedding's
+    dtype (the caller has checked :meth:`DecodeStep.supports`). Returns
+    (attn_norm_w, qkv_w, o_w, mlp_norm_w, up_w, down_w) lists, then the final
+    norm weight, the LM head weight and eps.
+    """
+    blocks = model.blocks
+    linears = [m for b in blocks for m in (b.attn.qkv_proj, b.attn.o_proj)]
+    linears += [m for b in blocks for m in (b.mlp.up_proj, b.mlp.down_proj)] + [model.lm_head]
+    norms = [n for b in blocks for n in (b.attn_norm, b.mlp_norm)] + [model.final_norm]
+    eps = {n.eps for n in norms}
+    dtype = model.embed.weight.dtype
+    if (
+        any(type(lin) is not nn.Linear or lin.bias is not None for lin in linears)
+        or len(eps) != 1
+        or any(p.dtype != dtype for p in model.parameters())
+    ):
+        return None
+    return (
+        [b.attn_norm.weight for b in blocks],
+        [b.attn.qkv_proj.weight for b in blocks],
+        [b.attn.o_proj.weight for b in blocks],
+        [b.mlp_norm.weight for b in blocks],
+        [b.mlp.up_proj.weight for b in blocks],
+        [b.mlp.down_proj.weight for b in blocks],
+        model.final_norm.weight,
+        model.lm_head.weight,
+        eps.pop(),
+    )
+
+
+def _fused_step(step, h, cache_row, positions, head_rows, cos, sin) -> torch.Tensor:
+    """``gemv_decode_step`` on rows ``h`` with ``step``'s weights and cache."""
+    *weights, final_w, head_w, eps = step.in_cpp
+    cache = step.cache
+    return torch.ops.minigpt.gemv_decode_step(
+        h, *weights, cache.k, cache.v, cache_row, positions, head_rows, cos, sin, final_w,
+        head_w, step.n_head, step.n_kv_head, step.head_dim, eps, step.scale,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def fused_prefill(
+    model: nn.Module, prompts: list[list[int]], max_len: int
+) -> tuple[KVCache, torch.Tensor] | None:
+    """Prefill short prompts with the fused step: all their tokens in one call.
+
+    Every prompt token is one row of ``gemv_decode_step`` (row = the token at
+    position p of sequence b), so a short prompt costs one pass over the weights,
+    like one decode step, instead of the general forward pass. Returns the cache
+    (``seqlens`` = prompt lengths) and the (B, V) float32 logits at each prompt's
+    last token -- what :func:`minigpt.infer.prefill` returns -- or None when the
+    fused step does not apply (more than ``MAX_GEMV_ROWS`` tokens in all, or a
+    model :class:`DecodeStep` cannot run in one call).
+    """
+    lengths = [len(p) for p in prompts]
+    if sum(lengths) > MAX_GEMV_ROWS or not DecodeStep.supports(model):
+        return None
+    cache = KVCache.for_model(model, len(prompts), max_len)
+    step = DecodeStep(model, cache)
+    if step.in_cpp is None:
+        return None
+    tokens = torch.tensor([t for p in prompts for t in p])
+    cache_row = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)])
+    positions = torch.tensor([i for n in lengths for i in range(n)])
+    last = torch.tensor(lengths).cumsum(0) - 1
+    h = step.embed.index_select(0, tokens)
+    logits = _fused_step(step, h, cache_row, positions, last, step.cos, step.sin)
+    cache.seqlens.copy_(torch.tensor(lengths))
+    return cache, logits
 
 
 def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minigpt.infer.fast_decode import decoder_for
+from minigpt.infer.fast_decode import decoder_for, fused_prefill
 from minigpt.infer.kv_cache import KVCache
 from minigpt.infer.sampling import _kernel_repetition_penalty, _kernel_sample
 
@@ -131,7 +131,12 @@ def prefill(
     float32 logits at each prompt's last token. Padding positions write garbage
     keys/values past a row's length, but decoding overwrites them before any query
     may see them (a query only attends to positions <= its own).
+    Short prompts of a Llama-style model on the CPU skip the padding: all their
+    tokens go through one fused call (:func:`minigpt.infer.fast_decode.fused_prefill`).
     """
+    fused = fused_prefill(model, rows, max_len)
+    if fused is not None:
+        return fused
     device = next(model.parameters()).device
     lengths = torch.tensor([len(r) for r in rows], device=device)
     padded = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=device)
