@@ -108,16 +108,17 @@ _MEM_SCRIPT = textwrap.dedent(
     from bench_moe import make_problem, moe_step
     from minigpt.kernels import moe_expert_mlp
     from minigpt.kernels.reference.moe import moe_mlp_loop_over_experts
-    torch.set_num_threads(1)
 
     def status_kib(field):
         with open("/proc/self/status") as f:
             return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
 
     which, n_tokens, n_experts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    dtype, threads = getattr(torch, sys.argv[4]), int(sys.argv[5])
+    torch.set_num_threads(threads)
     mlp = moe_expert_mlp if which == "ours" else moe_mlp_loop_over_experts
-    moe_step(make_problem(16, n_experts, torch.bfloat16), mlp)  # warm up library state
-    p = make_problem(n_tokens, n_experts, torch.bfloat16)
+    moe_step(make_problem(16, n_experts, dtype), mlp)  # warm up library state
+    p = make_problem(n_tokens, n_experts, dtype)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident size (VmHWM) to the current one
     before = status_kib("VmRSS")
@@ -127,12 +128,29 @@ _MEM_SCRIPT = textwrap.dedent(
 )
 
 
-def _peak_extra_kib(which: str, n_tokens: int, n_experts: int, pool: bool = True) -> int:
+def _peak_extra_kib(
+    which: str,
+    n_tokens: int,
+    n_experts: int,
+    pool: bool = True,
+    dtype: str = "bfloat16",
+    threads: int = 1,
+) -> int:
+    """Peak resident KiB one fwd+bwd of ``which`` ("ours" or "loop") adds, in a fresh process."""
     env = dict(os.environ)
     if not pool:  # the C++ output pool keeps freed blocks resident (see output_pool.h)
         env["MINIGPT_CPU_POOL_MB"] = "0"
     proc = subprocess.run(
-        [sys.executable, "-c", _MEM_SCRIPT, which, str(n_tokens), str(n_experts)],
+        [
+            sys.executable,
+            "-c",
+            _MEM_SCRIPT,
+            which,
+            str(n_tokens),
+            str(n_experts),
+            dtype,
+            str(threads),
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -161,3 +179,84 @@ def test_moe_peak_memory(benchmark):
     )
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     assert ours > 0, "peak memory was not measured"
+
+
+# ---- `python bench/bench_moe.py`: the issue's figures as one table -----------------------
+
+
+def _interleaved_ms(fns: dict, rounds: int, loop_rounds: int) -> dict[str, float]:
+    """Median wall ms of each callable, timed in interleaved rounds (one warm-up each).
+
+    Every round runs each callable once, so load changes hit all of them alike. The
+    eager loop is slow (seconds at E=64 in fp32), so it runs only ``loop_rounds``."""
+    import statistics
+    import time
+
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if name == "loop" and r >= loop_rounds:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def _step_callables(p: dict) -> dict:
+    return {
+        "ours": lambda: moe_step(p, moe_expert_mlp),
+        "dense": lambda: dense_step(p),
+        "loop": lambda: moe_step(p, moe_mlp_loop_over_experts),
+    }
+
+
+def main() -> None:
+    """Print ours/dense, loop/ours and peak memory (ours vs loop) for every E and dtype."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of ours and dense")
+    parser.add_argument("--loop-rounds", type=int, default=2, help="timed rounds of the loop")
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    print(
+        f"MoE MLP fwd+bwd, 4096 tokens, d={D}, ffn={FFN}, top-{K}, {args.threads} threads; "
+        "wall-clock medians of interleaved rounds; peak = resident MiB one step adds"
+    )
+    print(
+        "| E | dtype | ours ms | dense ms | loop ms | ours/dense (<= 1.15) "
+        "| loop/ours (>= 1.5 at E >= 32) | peak MiB ours | peak MiB loop |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n_experts in args.experts:
+        for name in args.dtypes:
+            ms = _interleaved_ms(
+                _step_callables(make_problem(4096, n_experts, dtypes[name])),
+                args.rounds,
+                args.loop_rounds,
+            )
+            mem = ("-", "-")
+            if not args.no_memory:
+                dt = str(dtypes[name]).removeprefix("torch.")
+                mem = tuple(
+                    _peak_extra_kib(w, 4096, n_experts, dtype=dt, threads=args.threads) // 1024
+                    for w in ("ours", "loop")
+                )
+            print(
+                f"| {n_experts} | {name} | {ms['ours']:.0f} | {ms['dense']:.0f} | "
+                f"{ms['loop']:.0f} | {ms['ours'] / ms['dense']:.2f} | "
+                f"{ms['loop'] / ms['ours']:.1f} | {mem[0]} | {mem[1]} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -160,6 +160,38 @@ def test_grouped_mm_cpp(dtype, sizes):
         assert (w2.grad[sizes.index(0)] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ["avx512", "scalar"])
+def test_in_place_backward_ops_equal_out_of_place(dtype, isa):
+    # the fused MLP's backward writes each gradient over the activation it replaces;
+    # the in-place forms must give bit-identical results to the out-of-place ones
+    require_isa(isa)
+    ops = torch.ops.minigpt
+    n, d, f, e, k = 41, 24, 40, 6, 2
+    ids = uneven_ids(n, e, k, empty=(3,))
+    _, off, slot = M.moe_permute(random_tensor((n, d)), ids, e, backend="cpp")
+    m = int(off[-1])
+    weights, dy = torch.rand(n, k), random_tensor((n, d), dtype)
+    y_perm, x = random_tensor((m, d), dtype), random_tensor((m, d), dtype, scale=0.3)
+    dy_perm, gate_up = random_tensor((m, 2 * f), dtype), random_tensor((m, 2 * f), dtype)
+    dh, w = random_tensor((m, f), dtype), random_tensor((e, 2 * f, d), dtype, scale=0.3)
+    with force_cpu_isa(isa):
+        want_dyp, want_dw = ops.moe_unpermute_bwd(dy, y_perm, slot, weights)
+        buf = y_perm.clone()
+        assert torch.equal(ops.moe_unpermute_bwd_(dy, buf, slot, weights), want_dw)
+        assert torch.equal(buf, want_dyp)
+        want_dgu = ops.moe_swiglu_bwd(dh, gate_up)
+        buf = gate_up.clone()
+        ops.moe_swiglu_bwd_(dh, buf)
+        assert torch.equal(buf, want_dgu)
+    for need_dx, need_dw in [(True, True), (True, False), (False, True)]:
+        want_dx, want_dw = ops.grouped_mm_bwd(dy_perm, x, w, off, need_dx, need_dw)
+        buf = x.clone()
+        got_dw = ops.grouped_mm_bwd_(dy_perm, buf, w, off, need_dx, need_dw)
+        assert torch.equal(got_dw, want_dw)
+        assert torch.equal(buf, want_dx if need_dx else x)
+
+
 # ---- the fused expert MLP --------------------------------------------------------------------
 
 

@@ -14,7 +14,10 @@
 //   grouped_mm_fwd(x, w, offsets) -> y
 //   grouped_mm_bwd(dy, x, w, offsets, need_dx, need_dw) -> (dx, dw)
 //   moe_swiglu_bwd(dh, gate_up) -> dgate_up        (the expert MLP's activation)
-// with x (N, d), expert_ids / slot_of / weights (N, k) (int64, int64, float32),
+// and in-place forms of the three backward ops (moe_unpermute_bwd_, grouped_mm_bwd_,
+// moe_swiglu_bwd_) that write the gradient over the input it replaces, so the fused
+// expert MLP's backward allocates almost nothing beyond the weight gradients.
+// Shapes: x (N, d), expert_ids / slot_of / weights (N, k) (int64, int64, float32),
 // offsets (E+1,) int64, w (E, n_out, n_in). The semantics are defined by
 // minigpt/kernels/reference/moe.py; fakes for torch.compile live in
 // minigpt/kernels/moe.py.
@@ -182,11 +185,12 @@ at::Tensor moe_unpermute_fwd(const at::Tensor& y_perm, const at::Tensor& slot_of
   return combine(y_perm, slot_of, ptr<const float>(weights), op);
 }
 
-std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& dy,
-                                                     const at::Tensor& y_perm,
-                                                     const at::Tensor& slot_of,
-                                                     const at::Tensor& weights) {
-  const char* op = "moe_unpermute_bwd";
+// dy_perm[slot] = w * dy[token] and dweights[token, j] = dy[token] . y_perm[slot], with
+// dy_perm written into `dy_perm` -- which may be y_perm itself: each row's dot product
+// is taken before the same row is overwritten, and no other assignment reads that row.
+at::Tensor unpermute_bwd_into(const at::Tensor& dy, const at::Tensor& y_perm,
+                              const at::Tensor& slot_of, const at::Tensor& weights,
+                              at::Tensor& dy_perm, const char* op) {
   check_rows(dy, "dy", op);
   check_rows(y_perm, "y_perm", op);
   check_index(slot_of, "slot_of", op);
@@ -196,12 +200,8 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& dy,
               op, ": dy must be (N, d) of y_perm's dtype");
   check_slots(slot_of, y_perm.size(0), op);
   const int64_t n = slot_of.size(0), k = slot_of.size(1), d = y_perm.size(1);
-  const int64_t m = y_perm.size(0);
-  // Every row of y_perm belongs to exactly one assignment (the permutation is a
-  // bijection onto the non-dropped slots), so every row of dy_perm is written.
-  at::Tensor dy_perm = pooled_empty({m, d}, y_perm.scalar_type());
   at::Tensor dw = at::zeros({n, k}, weights.options());
-  if (n == 0) return {dy_perm, dw};
+  if (n == 0) return dw;
   const int64_t* slot = ptr<const int64_t>(slot_of);
   const float* w = ptr<const float>(weights);
   float* dwp = ptr<float>(dw);
@@ -216,13 +216,32 @@ std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& dy,
         for (int64_t j = 0; j < k; ++j) {
           const int64_t s = slot[t * k + j];
           if (s < 0) continue;
+          dwp[t * k + j] = dot(dyp + t * d, yp + s * d, d);  // before the row is overwritten
           scale(dyp + t * d, w[t * k + j], dpp + s * d, d);
-          dwp[t * k + j] = dot(dyp + t * d, yp + s * d, d);
         }
       }
     });
   });
+  return dw;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_unpermute_bwd(const at::Tensor& dy,
+                                                     const at::Tensor& y_perm,
+                                                     const at::Tensor& slot_of,
+                                                     const at::Tensor& weights) {
+  check_rows(y_perm, "y_perm", "moe_unpermute_bwd");
+  // Every row of y_perm belongs to exactly one assignment (the permutation is a
+  // bijection onto the non-dropped slots), so every row of dy_perm is written.
+  at::Tensor dy_perm = pooled_empty(y_perm.sizes(), y_perm.scalar_type());
+  at::Tensor dw = unpermute_bwd_into(dy, y_perm, slot_of, weights, dy_perm, "moe_unpermute_bwd");
   return {dy_perm, dw};
+}
+
+// In place: y_perm's storage becomes dy_perm (the fused expert MLP's backward no
+// longer needs y_perm after this; one (M, d) buffer fewer at the peak).
+at::Tensor moe_unpermute_bwd_(const at::Tensor& dy, at::Tensor& y_perm, const at::Tensor& slot_of,
+                              const at::Tensor& weights) {
+  return unpermute_bwd_into(dy, y_perm, slot_of, weights, y_perm, "moe_unpermute_bwd_");
 }
 
 // ---- grouped GEMM -------------------------------------------------------------------------
@@ -284,10 +303,11 @@ at::Tensor grouped_mm_fwd(const at::Tensor& x, const at::Tensor& w, const at::Te
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_mm_bwd(const at::Tensor& dy, const at::Tensor& x,
-                                                  const at::Tensor& w, const at::Tensor& offsets,
-                                                  bool need_dx, bool need_dw) {
-  const char* op = "grouped_mm_bwd";
+// dx_e = dy_e @ w[e] into `dx` (may be x itself: each group's dw reads its rows of x
+// before its dx overwrites them, and groups own disjoint rows), dw[e] = dy_e^T @ x_e.
+at::Tensor grouped_mm_bwd_into(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                               const at::Tensor& offsets, at::Tensor* dx, bool need_dw,
+                               const char* op) {
   check_grouped(x, w, offsets, op);
   check_rows(dy, "dy", op);
   TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == w.size(1) &&
@@ -295,20 +315,12 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_bwd(const at::Tensor& dy, const at
               op, ": dy must be (M, n_out) of x's dtype");
   const int64_t groups = w.size(0);
   const int64_t* off = ptr<const int64_t>(offsets);
-  at::Tensor dx = need_dx ? pooled_empty(x.sizes(), x.scalar_type()) : at::empty({0}, x.options());
   at::Tensor dw = need_dw ? at::empty(w.sizes(), w.options()) : at::empty({0}, w.options());
   // an expert's weight gradient costs a full (n_out, n_in) write even for few rows
   const int64_t fixed = need_dw ? 16 : 0;
   for_each_group(off, groups, fixed, [&](int64_t e) {
     const int64_t rows = off[e + 1] - off[e];
     at::Tensor dy_e = dy.narrow(0, off[e], rows);
-    if (need_dx && rows > 0) {
-      at::Tensor dx_e = dx.narrow(0, off[e], rows);
-      if (w.size(1) == 0)
-        dx_e.zero_();
-      else
-        at::mm_out(dx_e, dy_e, w.select(0, e));
-    }
     if (need_dw) {
       at::Tensor dw_e = dw.select(0, e);
       if (rows == 0)  // an expert that received no tokens gets a zero gradient
@@ -316,22 +328,47 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_bwd(const at::Tensor& dy, const at
       else
         at::mm_out(dw_e, dy_e.t(), x.narrow(0, off[e], rows));
     }
+    if (dx != nullptr && rows > 0) {
+      at::Tensor dx_e = dx->narrow(0, off[e], rows);
+      if (w.size(1) == 0)
+        dx_e.zero_();
+      else
+        at::mm_out(dx_e, dy_e, w.select(0, e));
+    }
   });
+  return dw;
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                                  const at::Tensor& w, const at::Tensor& offsets,
+                                                  bool need_dx, bool need_dw) {
+  check_rows(x, "x", "grouped_mm_bwd");
+  at::Tensor dx = need_dx ? pooled_empty(x.sizes(), x.scalar_type()) : at::empty({0}, x.options());
+  at::Tensor dw =
+      grouped_mm_bwd_into(dy, x, w, offsets, need_dx ? &dx : nullptr, need_dw, "grouped_mm_bwd");
   return {dx, dw};
+}
+
+// In place: x's storage becomes dx (x is dead after its groups' dw are taken).
+at::Tensor grouped_mm_bwd_(const at::Tensor& dy, at::Tensor& x, const at::Tensor& w,
+                           const at::Tensor& offsets, bool need_dx, bool need_dw) {
+  return grouped_mm_bwd_into(dy, x, w, offsets, need_dx ? &x : nullptr, need_dw,
+                             "grouped_mm_bwd_");
 }
 
 // ---- SwiGLU backward into the fused gate/up gradient ------------------------------------
 
-at::Tensor moe_swiglu_bwd(const at::Tensor& dh, const at::Tensor& gate_up) {
-  const char* op = "moe_swiglu_bwd";
+// The row kernel reads a vector of g, u and dh before it writes dg, du at the same
+// columns, so `dgu` may be gate_up itself.
+void swiglu_bwd_into(const at::Tensor& dh, const at::Tensor& gate_up, at::Tensor& dgu,
+                     const char* op) {
   check_rows(dh, "dh", op);
   check_rows(gate_up, "gate_up", op);
   const int64_t m = dh.size(0), f = dh.size(1);
   TORCH_CHECK(gate_up.size(0) == m && gate_up.size(1) == 2 * f &&
                   gate_up.scalar_type() == dh.scalar_type(),
               op, ": gate_up must be (M, 2F) of dh's dtype");
-  at::Tensor dgu = pooled_empty(gate_up.sizes(), gate_up.scalar_type());
-  if (m == 0 || f == 0) return dgu;
+  if (m == 0 || f == 0) return;
   dispatch_float_types(dh.scalar_type(), op, [&]<typename T>() {
     auto kernel = MG_ISA_CALL(moe_swiglu_bwd_row<T>);
     const T* dhp = ptr<const T>(dh);
@@ -343,7 +380,18 @@ at::Tensor moe_swiglu_bwd(const at::Tensor& dh, const at::Tensor& gate_up) {
                out + r * 2 * f + f, f);
     });
   });
+}
+
+at::Tensor moe_swiglu_bwd(const at::Tensor& dh, const at::Tensor& gate_up) {
+  check_rows(gate_up, "gate_up", "moe_swiglu_bwd");
+  at::Tensor dgu = pooled_empty(gate_up.sizes(), gate_up.scalar_type());
+  swiglu_bwd_into(dh, gate_up, dgu, "moe_swiglu_bwd");
   return dgu;
+}
+
+// In place: gate_up's storage becomes d(gate_up).
+void moe_swiglu_bwd_(const at::Tensor& dh, at::Tensor& gate_up) {
+  swiglu_bwd_into(dh, gate_up, gate_up, "moe_swiglu_bwd_");
 }
 
 }  // namespace
@@ -361,6 +409,15 @@ TORCH_LIBRARY_FRAGMENT(minigpt, m) {
       "grouped_mm_bwd(Tensor dy, Tensor x, Tensor w, Tensor offsets, bool need_dx, bool need_dw) "
       "-> (Tensor, Tensor)");
   m.def("moe_swiglu_bwd(Tensor dh, Tensor gate_up) -> Tensor");
+  // in-place variants for the fused expert MLP's backward (the mutated input's
+  // storage becomes the gradient; see the forms above for the math)
+  m.def(
+      "moe_unpermute_bwd_(Tensor dy, Tensor(a!) y_perm, Tensor slot_of, Tensor weights) -> "
+      "Tensor");
+  m.def(
+      "grouped_mm_bwd_(Tensor dy, Tensor(a!) x, Tensor w, Tensor offsets, bool need_dx, bool "
+      "need_dw) -> Tensor");
+  m.def("moe_swiglu_bwd_(Tensor dh, Tensor(a!) gate_up) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
@@ -371,4 +428,7 @@ TORCH_LIBRARY_IMPL(minigpt, CPU, m) {
   m.impl("grouped_mm_fwd", &minigpt::cpu::grouped_mm_fwd);
   m.impl("grouped_mm_bwd", &minigpt::cpu::grouped_mm_bwd);
   m.impl("moe_swiglu_bwd", &minigpt::cpu::moe_swiglu_bwd);
+  m.impl("moe_unpermute_bwd_", &minigpt::cpu::moe_unpermute_bwd_);
+  m.impl("grouped_mm_bwd_", &minigpt::cpu::grouped_mm_bwd_);
+  m.impl("moe_swiglu_bwd_", &minigpt::cpu::moe_swiglu_bwd_);
 }

@@ -240,6 +240,10 @@ class _Kernels(NamedTuple):
     gmm_bwd: Any
     swiglu_fwd: Any
     swiglu_bwd: Any
+    # in-place backward forms: the mutated input's storage becomes the gradient
+    unpermute_bwd_: Any  # (dy, y_perm!, slot_of, weights) -> dweights; y_perm := dy_perm
+    gmm_bwd_: Any  # (dy, x!, w, offsets, need_dx, need_dw) -> dw; x := dx
+    swiglu_bwd_: Any  # (dh, gate_up!) -> None; gate_up := d(gate_up)
 
 
 def _kernels(backend: str) -> _Kernels:
@@ -255,6 +259,9 @@ def _kernels(backend: str) -> _Kernels:
             gmm_bwd=ops.grouped_mm_bwd,
             swiglu_fwd=_cpp_swiglu_fwd,
             swiglu_bwd=ops.moe_swiglu_bwd,
+            unpermute_bwd_=ops.moe_unpermute_bwd_,
+            gmm_bwd_=ops.grouped_mm_bwd_,
+            swiglu_bwd_=ops.moe_swiglu_bwd_,
         )
     from minigpt.kernels.triton import moe as tri
 
@@ -267,7 +274,37 @@ def _kernels(backend: str) -> _Kernels:
         gmm_bwd=tri.grouped_mm_bwd,
         swiglu_fwd=tri.moe_swiglu_fwd,
         swiglu_bwd=tri.moe_swiglu_bwd,
+        unpermute_bwd_=_unpermute_bwd_by_copy,
+        gmm_bwd_=_gmm_bwd_by_copy,
+        swiglu_bwd_=_swiglu_bwd_by_copy,
     )
+
+
+# In-place forms for the Triton backend, which has out-of-place kernels only: compute,
+# then copy the gradient over the input (same results; no memory saved on the GPU).
+
+
+def _unpermute_bwd_by_copy(dy, y_perm, slot_of, weights):
+    from minigpt.kernels.triton import moe as tri
+
+    dy_perm, dweights = tri.moe_unpermute_bwd(dy, y_perm, slot_of, weights)
+    y_perm.copy_(dy_perm)
+    return dweights
+
+
+def _gmm_bwd_by_copy(dy, x, w, offsets, need_dx, need_dw):
+    from minigpt.kernels.triton import moe as tri
+
+    dx, dw = tri.grouped_mm_bwd(dy, x, w, offsets, need_dx, need_dw)
+    if need_dx:
+        x.copy_(dx)
+    return dw
+
+
+def _swiglu_bwd_by_copy(dh, gate_up):
+    from minigpt.kernels.triton import moe as tri
+
+    gate_up.copy_(tri.moe_swiglu_bwd(dh, gate_up))
 
 
 # ---- autograd functions ---------------------------------------------------------------------
@@ -329,9 +366,10 @@ class _ExpertMLPFunction(torch.autograd.Function):
 
     Kept for backward: x_perm (M, d), gate_up (M, 2F), y_perm (M, d) and the index
     tensors. The SwiGLU output h (M, F) is recomputed instead of stored. The
-    intermediates live on ``ctx`` (not ``save_for_backward``) so that the backward
-    can free each one as soon as it is used, which lowers the peak memory; the
-    price is that the backward can run only once (no ``retain_graph`` reuse).
+    intermediates live on ``ctx`` (not ``save_for_backward``) and the backward
+    overwrites each with its gradient (in-place kernels), which lowers the peak
+    memory; the price is that the backward can run only once (no ``retain_graph``
+    reuse).
     """
 
     @staticmethod
@@ -355,18 +393,24 @@ class _ExpertMLPFunction(torch.autograd.Function):
                 "activations are freed after the first (retain_graph is not supported)"
             )
         x_perm, gate_up, y_perm, offsets, slot_of = ctx.inner
-        ctx.inner = None  # from here on, each `del` really frees its tensor
+        ctx.inner = None  # from here on, these locals are the only references
         need_x, _, need_w, need_gu, need_down, _ = ctx.needs_input_grad
         kern = _kernels(ctx.backend)
-        dy_perm, dweights = kern.unpermute_bwd(dy.contiguous(), y_perm, slot_of, weights)
-        del y_perm
+        # Each gradient is written over the activation it replaces (in-place kernels):
+        # y_perm -> dy_perm, h -> dh, gate_up -> dgate_up, x_perm -> dx_perm, so the
+        # backward allocates only the recomputed h, dx and the weight gradients.
+        dweights = kern.unpermute_bwd_(dy.contiguous(), y_perm, slot_of, weights)
+        dy_perm = y_perm
         h = kern.swiglu_fwd(gate_up)  # recomputed: cheaper than keeping (M, F) alive
-        dh, dw_down = kern.gmm_bwd(dy_perm, h, w_down, offsets, True, need_down)
-        del h, dy_perm
-        dgate_up = kern.swiglu_bwd(dh, gate_up)
-        del dh, gate_up
-        dx_perm, dw_gate_up = kern.gmm_bwd(dgate_up, x_perm, w_gate_up, offsets, need_x, need_gu)
-        del dgate_up, x_perm
+        dw_down = kern.gmm_bwd_(dy_perm, h, w_down, offsets, True, need_down)
+        dh = h
+        del dy_perm, y_perm
+        kern.swiglu_bwd_(dh, gate_up)
+        dgate_up = gate_up
+        del dh, h
+        dw_gate_up = kern.gmm_bwd_(dgate_up, x_perm, w_gate_up, offsets, need_x, need_gu)
+        dx_perm = x_perm
+        del dgate_up, gate_up
         dx = kern.permute_bwd(dx_perm, slot_of) if need_x else None
         return (
             dx,
@@ -612,3 +656,15 @@ if cpp_available():
     @torch.library.register_fake("minigpt::moe_swiglu_bwd")
     def _moe_swiglu_bwd_fake(dh, gate_up):
         return torch.empty_like(gate_up)
+
+    @torch.library.register_fake("minigpt::moe_unpermute_bwd_")
+    def _moe_unpermute_bwd_inplace_fake(dy, y_perm, slot_of, weights):
+        return torch.empty_like(weights)
+
+    @torch.library.register_fake("minigpt::grouped_mm_bwd_")
+    def _grouped_mm_bwd_inplace_fake(dy, x, w, offsets, need_dx, need_dw):
+        return torch.empty_like(w) if need_dw else w.new_empty(0)
+
+    @torch.library.register_fake("minigpt::moe_swiglu_bwd_")
+    def _moe_swiglu_bwd_inplace_fake(dh, gate_up):
+        return None
