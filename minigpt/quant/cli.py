@@ -1,6 +1,12 @@
 """``minigpt quantize``: write a weight-only quantized copy of a model directory.
 
     minigpt quantize runs/tiny/model runs/tiny/model-int4 --format int4 --group-size 64
+    minigpt quantize runs/tiny/model runs/tiny/model-gptq --format int4 --calibration notes.txt
+
+With ``--calibration FILE`` (UTF-8 text, or ``.gz``) the weights are rounded
+with GPTQ (or ``--method mse``) using the model's activations on that text;
+use text you will not evaluate on. Without it: round to nearest (``--method
+mse`` gives the data-free search).
 
 The output is a model directory (config.json + model.safetensors + the
 tokenizer, if one sits beside the input) that ``minigpt generate`` loads as is.
@@ -39,6 +45,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--include-lm-head", action="store_true", help="quantize the output head too"
     )
+    parser.add_argument(
+        "--method",
+        choices=("rtn", "mse", "gptq"),
+        default=None,
+        help="rounding method (default: gptq with --calibration, else rtn)",
+    )
+    parser.add_argument(
+        "--calibration", default=None, help="text file (.txt or .txt.gz) to calibrate on"
+    )
+    parser.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=2048,
+        help="tokens of the calibration text to use, in rows of 256 (default 2048)",
+    )
+
+
+def calibration_batches(path: str, tokenizer_file: Path, n_tokens: int, seq: int = 256) -> list:
+    """The first ``n_tokens`` tokens of a text file as batches of 4 rows of ``seq`` ids
+    (a shorter text: one row of all its tokens)."""
+    import gzip
+
+    import torch
+
+    from minigpt.tokenizer import Tokenizer
+
+    if not tokenizer_file.is_file():
+        raise FileNotFoundError(f"calibration needs the model's tokenizer: {tokenizer_file}")
+    if n_tokens < 1:
+        raise ValueError(f"--calibration-tokens must be positive, got {n_tokens}")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read(n_tokens * 16)  # ample: a token is rarely more than 16 characters
+    ids = Tokenizer.load(tokenizer_file).encode(text)[:n_tokens]
+    if not ids:
+        raise ValueError(f"calibration file {path} has no text")
+    n_rows = len(ids) // seq
+    if n_rows == 0:
+        return [torch.tensor(ids)[None]]
+    return list(torch.tensor(ids[: n_rows * seq]).reshape(n_rows, seq).split(4))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,17 +96,38 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_for(args.fmt, args.group_size)
         model = load_model(args.model)
+        calibration = None
+        if args.calibration is not None:
+            seq = min(256, getattr(getattr(model, "config", None), "max_seq_len", 256))
+            tok_file = Path(args.model) / "tokenizer.json"
+            if not tok_file.is_file():
+                tok_file = Path(args.model).parent / "tokenizer.json"
+            calibration = calibration_batches(
+                args.calibration, tok_file, args.calibration_tokens, seq
+            )
+        method = args.method
+        if method == "gptq" and calibration is None:
+            raise ValueError("--method gptq needs --calibration FILE")
+        if method == "rtn" and calibration is not None:
+            raise ValueError("--method rtn uses no calibration; drop --calibration")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     before = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    quantize_(model, config, include_lm_head=args.include_lm_head)
+    quantize_(
+        model,
+        config,
+        include_lm_head=args.include_lm_head,
+        method=method,
+        calibration=calibration,
+    )
     out = save_quantized(model, args.output)
     copy_tokenizer(Path(args.model), out)
     after = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     n = len(quantized_modules(model))
+    used = method or ("rtn" if calibration is None else "gptq")
     print(
-        f"quantized {n} linear layers to {args.fmt}: {before / 1e6:.1f} MB -> "
+        f"quantized {n} linear layers to {args.fmt} ({used}): {before / 1e6:.1f} MB -> "
         f"{after / 1e6:.1f} MB, written to {out}"
     )
     return 0
