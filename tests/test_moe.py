@@ -396,18 +396,27 @@ def test_other_ops_bad_input():
 
 
 @pytest.mark.slow  # 15-30 s, all of it torch.compile itself
-def test_torch_compile_runs_the_fused_op():
-    # the permuted row count is data-dependent (an unbacked size in the fakes); with
-    # graph breaks allowed, compile must give the same values and gradients
+def test_torch_compile_fullgraph_runs_the_expert_mlp():
+    # the permuted row count M is data-dependent (an unbacked size in the fakes); under
+    # torch.compile the MLP runs as a chain of single ops whose outputs carry M, so the
+    # whole call is one graph (fullgraph=True), with the values and gradients of eager
     n, d, f, e, k = 10, 16, 32, 4, 2
     ids, w = torch.randint(0, e, (n, k)), torch.rand(n, k)
+    ids[0, 1] = -1  # a dropped assignment
     wgu, wd = expert_weights(e, d, f, torch.float32)
-    x = random_tensor((n, d), requires_grad=True)
-    fn = torch.compile(lambda x: M.moe_expert_mlp(x, ids, w, wgu, wd, backend="cpp"))
-    y = fn(x)
-    y.sum().backward()
-    x2 = x.detach().clone().requires_grad_()
-    y2 = R.moe_mlp_reference(x2, ids, w, wgu, wd)
-    y2.sum().backward()
-    torch.testing.assert_close(y, y2)
-    torch.testing.assert_close(x.grad, x2.grad)
+    inputs = {"x": random_tensor((n, d)), "weights": w, "w_gate_up": wgu, "w_down": wd}
+    dy = random_tensor((n, d))
+
+    def run(fn):
+        leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+        y = fn(leaves["x"], ids, leaves["weights"], leaves["w_gate_up"], leaves["w_down"])
+        return y, torch.autograd.grad(y, list(leaves.values()), dy)
+
+    compiled = torch.compile(
+        lambda *a: M.moe_expert_mlp(*a, backend="cpp"), fullgraph=True, dynamic=False
+    )
+    y, grads = run(compiled)
+    y_ref, grads_ref = run(R.moe_mlp_reference)
+    torch.testing.assert_close(y, y_ref)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want)

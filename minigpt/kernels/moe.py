@@ -361,6 +361,21 @@ class _GroupedMMFunction(torch.autograd.Function):
         return (dx if need_dx else None), (dw if need_dw else None), None, None
 
 
+class _FusedSwiGLUFunction(torch.autograd.Function):
+    """(M, 2F) fused gate|up -> (M, F) silu(gate) * up; backward gives d(gate|up)."""
+
+    @staticmethod
+    def forward(ctx, gate_up, backend):  # type: ignore[override]
+        ctx.backend = backend
+        ctx.save_for_backward(gate_up)
+        return _kernels(backend).swiglu_fwd(gate_up)
+
+    @staticmethod
+    def backward(ctx, dh):  # type: ignore[override]
+        (gate_up,) = ctx.saved_tensors
+        return _kernels(ctx.backend).swiglu_bwd(dh.contiguous(), gate_up), None
+
+
 class _ExpertMLPFunction(torch.autograd.Function):
     """permute -> grouped GEMM -> SwiGLU -> grouped GEMM -> weighted unpermute, fused.
 
@@ -556,6 +571,30 @@ def grouped_mm(
     return _GroupedMMFunction.apply(x.contiguous(), w.contiguous(), offsets.to(x.device), chosen)
 
 
+def _expert_mlp_composed(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`moe_expert_mlp` as a chain of the single ops, for torch.compile.
+
+    The fused autograd function keeps its (M, .) intermediates on ``ctx``, where the
+    compiler cannot follow them; here every tensor whose row count M depends on the
+    routing is an op output, so ``fullgraph=True`` traces it (M an unbacked size).
+    The compiler's autograd then decides what to keep for the backward.
+    """
+    x_perm, offsets, slot_of = _PermuteFunction.apply(
+        x.contiguous(), expert_ids.long().contiguous(), w_gate_up.shape[0], backend
+    )
+    gate_up = _GroupedMMFunction.apply(x_perm, w_gate_up.contiguous(), offsets, backend)
+    h = _FusedSwiGLUFunction.apply(gate_up, backend)
+    y_perm = _GroupedMMFunction.apply(h, w_down.contiguous(), offsets, backend)
+    return _UnpermuteFunction.apply(y_perm, slot_of, weights.float().contiguous(), backend)
+
+
 def moe_expert_mlp(
     x: torch.Tensor,
     expert_ids: torch.Tensor,
@@ -609,6 +648,8 @@ def moe_expert_mlp(
     chosen = select_backend("moe_expert_mlp", x.device, backend)
     if chosen == "torch":
         return moe_mlp_loop_over_experts(x, expert_ids, weights, w_gate_up, w_down)
+    if torch.compiler.is_compiling():
+        return _expert_mlp_composed(x, expert_ids, weights, w_gate_up, w_down, chosen)
     return _ExpertMLPFunction.apply(
         x.contiguous(),
         expert_ids.long().contiguous(),
