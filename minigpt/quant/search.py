@@ -136,9 +136,13 @@ def search_group_params(
             continue
         s = s.to(torch.bfloat16).float()
         centre = torch.round(7.5 - mid / s)
+        rounded = torch.round(w / s[..., None])  # shared by every zero point
         for dz in range(-zero_window, zero_window + 1):
             z = (centre + dz).clamp(0, 15)
-            err = error(s, z)
+            # (code - zero) = clamp(round(w / s), -z, 15 - z); in place: this loop is the cost
+            diff = torch.clamp(rounded, (-z)[..., None], (15 - z)[..., None])
+            sq = diff.mul_(s[..., None]).sub_(w).square_()
+            err = (sq if importance is None else sq.mul_(a)).sum(dim=-1)
             better = err < best_err
             best_s = torch.where(better, s, best_s)
             best_z = torch.where(better, z, best_z)
