@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from kernel_testing import ISAS, require_isa
@@ -12,6 +14,7 @@ from minigpt.kernels.reference.quant import (
     NF4_CODEBOOK,
     nf4_codebook_from_normal,
     pack_4bit,
+    quant_linear_reference,
     unpack_4bit,
 )
 
@@ -107,6 +110,84 @@ def test_quant_linear_cpp_matches_reference(isa, fmt, block, dtype):
         torch.testing.assert_close(
             got.float(), expected.float(), atol=atol * k**0.5, rtol=rtol, msg=f"{m, n, k}"
         )
+
+
+# ---- AVX512-BF16 kernels (csrc/cpu/quant_bf16.cpp) ----------------------------------
+
+
+@contextlib.contextmanager
+def bf16_dot(enabled: bool):
+    """Turn the AVX512-BF16 quant kernels on or off (the AVX-512 float kernel runs when off)."""
+    previous = torch.ops.minigpt.quant_set_bf16_dot(enabled)
+    try:
+        yield
+    finally:
+        torch.ops.minigpt.quant_set_bf16_dot(previous)
+
+
+def _bf16_split(x: torch.Tensor) -> torch.Tensor:
+    """x as the bf16 kernel sees a float32 row: hi + lo, two bf16 parts (16 bits)."""
+    hi = x.bfloat16().float()
+    return hi + (x - hi).bfloat16().float()
+
+
+def test_avx512_float_kernel_matches_reference():
+    """The AVX-512 Vec kernel, which the bf16 kernels replace on this CPU, still checked."""
+    torch.manual_seed(11)
+    for fmt, block in FORMATS:
+        for m, n, k in [(1, 37, 128), (3, 5, 64), (17, 9, 256), (2, 11, 97)]:
+            if block is not None and k % block:
+                continue
+            qw = quantize_weight(torch.randn(n, k), fmt, block)
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(m, k).to(dtype)
+                expected = quant_linear(x, qw, backend="torch")
+                with force_cpu_isa("avx512"), bf16_dot(False):
+                    got = quant_linear(x, qw, backend="cpp")
+                atol, rtol = TOL[dtype]
+                torch.testing.assert_close(
+                    got.float(), expected.float(), atol=atol * k**0.5, rtol=rtol
+                )
+
+
+# M=1 int4 (any activation dtype) and M>1 with bf16 activations take the bf16
+# kernels; nf4 block 96 exercises super-chunks of groups that are not powers of 2
+BF16DOT_FORMATS = FORMATS + (("nf4", 96), ("nf4", 256))
+BF16DOT_SHAPES = [(1, 37, 128), (1, 9, 640), (1, 6, 96), (1, 5, 32), (1, 130, 4096)]
+BF16DOT_SHAPES += [(2, 9, 640), (3, 5, 64), (7, 130, 256), (16, 19, 384), (33, 6, 768)]
+BF16DOT_SHAPES += [(5, 8, 96), (2, 11, 97), (4, 3, 288), (6, 5, 1536)]
+
+
+@pytest.mark.parametrize("fmt,block", BF16DOT_FORMATS)
+def test_bf16_dot_kernels_match_reference(fmt, block):
+    require_isa("avx512")
+    torch.manual_seed(12)
+    for m, n, k in BF16DOT_SHAPES:
+        if block is not None and k % block:
+            continue
+        qw = quantize_weight(torch.randn(n, k), fmt, block)
+        bias = torch.randn(n) if n % 2 else None
+        w = qw.dequantize()
+        # bf16 activations: exact products, float32 sums; only the output rounds to bf16
+        xb = torch.randn(m, k).bfloat16()
+        with force_cpu_isa("avx512"), bf16_dot(True):
+            got = quant_linear(xb, qw, bias)
+        expected = quant_linear(xb.float(), qw, bias, backend="torch")
+        torch.testing.assert_close(
+            got.float(), expected, atol=2e-5 * k**0.5, rtol=2**-8, msg=f"bf16 {m, n, k}"
+        )
+        if m == 1 and fmt == "int4":
+            # float32 activations at M=1 run as hi + lo bf16 parts: against the
+            # reference on those parts, float32 tolerance; against the exact x the
+            # split adds <= 2^-17 relative error per element (documented trade-off)
+            x = torch.randn(m, k)
+            with force_cpu_isa("avx512"), bf16_dot(True):
+                got = quant_linear(x, qw, bias)
+            ref_split = quant_linear_reference(_bf16_split(x), w, bias)
+            torch.testing.assert_close(got, ref_split, atol=2e-5 * k**0.5, rtol=2e-5)
+            ref = quant_linear_reference(x, w, bias)
+            split_err = (x - _bf16_split(x)).abs() @ w.abs().t()
+            assert bool(((got - ref).abs() <= split_err + 2e-5 * k**0.5).all())
 
 
 def test_quant_linear_leading_dims_and_large_m_path():

@@ -1,8 +1,9 @@
 // csrc/cpu/quant.cpp -- weight-only quantized linear layers on the CPU.
 //
-// The math lives in quant_kernel.h; this file checks arguments, converts the
-// activations to float32 once, splits output channels across threads and picks
-// the SIMD variant. Registered as
+// The math lives in quant_kernel.h (Vec float kernel, every ISA) and
+// quant_bf16.cpp (AVX512-BF16 kernels, tried first; see there when they apply);
+// this file checks arguments, converts the activations to float32 once, splits
+// output channels across threads and picks the SIMD variant. Registered as
 //   torch.ops.minigpt.quant_linear(x, qweight, scales, zeros?, bias?, fmt, block) -> y
 // with x (M, K) float32/bfloat16/float16 contiguous and y (M, N) of x's dtype.
 // fmt: 0 int8, 1 int4, 2 nf4 (layouts in quant.h). The fake implementation for
@@ -33,6 +34,10 @@ alignas(64) const float kNF4Codebook[16] = {
     0.4407098f,   0.56261697f,  0.72295673f,  1.0f};
 
 }  // namespace
+
+// quant_bf16.cpp: the AVX512-BF16 kernels; false when they do not apply.
+bool quant_linear_bf16dot(const at::Tensor& x, const at::Tensor& xf, const QuantWeightView& w, int fmt,
+                          const float* bias, float* y, const float* codebook);
 
 at::Tensor quant_linear_float(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                         const std::optional<at::Tensor>& zeros, const std::optional<at::Tensor>& bias,
@@ -90,6 +95,8 @@ at::Tensor quant_linear_float(const at::Tensor& x, const at::Tensor& qweight, co
   const float* xp = ptr<const float>(xf);
   const float* bp = bias_f.defined() ? ptr<const float>(bias_f) : nullptr;
   float* yp = ptr<float>(yf);
+  if (quant_linear_bf16dot(x, xf, w, int(fmt), bp, yp, kNF4Codebook))
+    return x.scalar_type() == at::kFloat ? yf : yf.to(x.scalar_type());
   auto kernel = MG_ISA_CALL(quant_linear_channels);
   // Threads own disjoint groups of 4 output channels; each reads its weights once.
   const int64_t groups = (n + 3) / 4;

@@ -18,8 +18,17 @@ Dynamic activation quantization (``act_quant="int8"``) is an explicit option:
 each activation row is rounded to int8 with its own scale and the products run
 on integers (AVX512-VNNI ``vpdpbusd``: 64 multiply-adds per instruction), which
 takes the decode GEMV from compute-bound to memory-bound for int4. It changes
-the result slightly (the activations lose precision); the default float path
-is exact up to float32 summation order. NF4 has no integer path.
+the result slightly (the activations lose precision). NF4 has no integer path.
+
+The default float path multiplies by the exact weights. On CPUs with
+AVX512-BF16 it runs on ``vdpbf16ps`` (exact products of bf16 pairs, float32
+sums; weight codes are exact in bf16, scales and zero points are applied in
+float32) for int4 at M = 1 and for bf16 activations at M > 1. bf16 activations
+are used exactly; float32 activations of the int4 M = 1 kernel are split into
+two bf16 parts, ``x = hi + lo``, which keeps 16 of their 24 significant bits
+(relative error <= 2^-17 per element, far below int4's own error). Everywhere
+else (and without AVX512-BF16) the float32 FMA kernel runs: exact up to float32
+summation order.
 
 Quantizing is an offline step done once per model, so ``quantize_*`` use the
 vectorized eager reference (already fast enough: a 4096x4096 matrix takes a
