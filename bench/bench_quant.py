@@ -12,7 +12,10 @@ fp32 activations) is timed against, in the same run:
   and zeros as a (K/G, N, 2) tensor).
 
 The ``-dyn`` variants pass ``act_quant="int8"`` (activations rounded to int8
-per row, integer dot products with AVX512-VNNI). For M > 48 our op takes the
+per row, integer dot products with AVX512-VNNI). The ``-bf16x`` variants (M >= 16)
+give our op bf16 activations, as a bf16 model does: the like-for-like comparison
+with ``bf16_linear`` (both multiply bf16 activations; ours runs the AVX512-BF16
+kernels of csrc/cpu/quant_bf16.cpp there). For M > 48 our op takes the
 prefill path (tile-wise dequantize + ``at::mm``).
 
 GB/s counts the packed weight bytes + metadata our kernel must read, to compare
@@ -30,13 +33,16 @@ from minigpt.kernels.quant import quant_linear, quantize_weight
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
 ROWS = [1, 16, 32, 128]
 FORMATS = [("int8", None), ("int4", 64), ("nf4", 64)]
-# bench variants: name -> (weight format, activation quantization)
+# bench variants: name -> (weight format, activation quantization, activation dtype)
 VARIANTS = {
-    "int8": ("int8", None),
-    "int4": ("int4", None),
-    "nf4": ("nf4", None),
-    "int8-dyn": ("int8", "int8"),
-    "int4-dyn": ("int4", "int8"),
+    "int8": ("int8", None, torch.float32),
+    "int4": ("int4", None, torch.float32),
+    "nf4": ("nf4", None, torch.float32),
+    "int8-dyn": ("int8", "int8", torch.float32),
+    "int4-dyn": ("int4", "int8", torch.float32),
+    "int8-bf16x": ("int8", None, torch.bfloat16),
+    "int4-bf16x": ("int4", None, torch.bfloat16),
+    "nf4-bf16x": ("nf4", None, torch.bfloat16),
 }
 
 
@@ -69,18 +75,19 @@ CASES = [
     for shape in SHAPES
     for variant in VARIANTS
     for m in ROWS
-    if m < 128 or shape == SHAPES[0]
+    if (m < 128 or shape == SHAPES[0]) and (m >= 16 or not variant.endswith("-bf16x"))
 ]
 
 
 @pytest.mark.parametrize("shape,variant,m", CASES)
 def test_quant_linear(compare, shape, variant, m):
     n, k = shape
-    fmt, act_quant = VARIANTS[variant]
+    fmt, act_quant, x_dtype = VARIANTS[variant]
     w, wb, quantized, t8, t4 = _weights(n, k)
     qw = quantized[fmt]
     x = torch.randn(m, k)
     xb = x.bfloat16()
+    ours_x = x.to(x_dtype)
     competitors = {
         "fp32_linear": lambda: F.linear(x, w),
         "bf16_linear": lambda: F.linear(xb, wb),
@@ -92,9 +99,9 @@ def test_quant_linear(compare, shape, variant, m):
     if variant == "int4" and m <= 16:
         competitors["torch_int4"] = lambda: torch._weight_int4pack_mm_for_cpu(x, t4[0], 64, t4[1])
     compare.run(
-        lambda: quant_linear(x, qw, act_quant=act_quant),
+        lambda: quant_linear(ours_x, qw, act_quant=act_quant),
         competitors,
-        bytes_moved=qw.nbytes() + 4 * m * (k + n),
+        bytes_moved=qw.nbytes() + ours_x.element_size() * m * (k + n),
         flops=2 * m * n * k,
         rounds=10 if m >= 32 else 20,
         fmt=variant,
