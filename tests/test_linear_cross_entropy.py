@@ -113,8 +113,8 @@ def test_chunk_boundaries(chunk_size):
 
 def test_default_chunk_rows_bounds_memory():
     assert default_chunk_rows(8192, 32000, 4) * 32000 * 4 <= 64 * 2**20
-    # 16-bit: 40 MiB budget (655 rows at V = 32k), split evenly over 13 chunks
-    assert default_chunk_rows(8192, 32000, 2) == 631
+    # 16-bit: 28 MiB budget (458 rows at V = 32k), split evenly over 18 chunks
+    assert default_chunk_rows(8192, 32000, 2) == 456
     assert default_chunk_rows(100, 32000) == 100  # small N: one chunk
     assert default_chunk_rows(8192, 10**7) == 64  # huge V: the floor
     rows = default_chunk_rows(1000, 32000)  # chunks split evenly
