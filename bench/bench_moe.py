@@ -118,6 +118,9 @@ _MEM_SCRIPT = textwrap.dedent(
     torch.set_num_threads(threads)
     mlp = moe_expert_mlp if which == "ours" else moe_mlp_loop_over_experts
     moe_step(make_problem(16, n_experts, dtype), mlp)  # warm up library state
+    # ...but start with an empty output pool: the warm-up's weight gradients are full
+    # size whatever the token count, and a step must not be credited with reusing them
+    torch.ops.minigpt.cpu_pool_empty_cache()
     p = make_problem(n_tokens, n_experts, dtype)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident size (VmHWM) to the current one

@@ -192,6 +192,30 @@ def test_in_place_backward_ops_equal_out_of_place(dtype, isa):
         assert torch.equal(buf, want_dx if need_dx else x)
 
 
+def test_weight_gradient_from_the_output_pool_is_fully_written():
+    # dw comes from the C++ output pool (csrc/cpu/output_pool.h), whose recycled blocks
+    # hold stale data: poison one, then every expert's gradient -- an empty group's
+    # zeros included -- must be written over it
+    ops = torch.ops.minigpt
+    e, nout, kdim = 4, 256, 256  # dw: 1 MiB of float32, large enough to be pooled
+    sizes = [70, 0, 50, 8]
+    offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    x, dy = random_tensor((128, kdim)), random_tensor((128, nout))
+    w = random_tensor((e, nout, kdim))
+    ops.cpu_pool_empty_cache()
+    stale = ops.grouped_mm_fwd(
+        random_tensor((1024, kdim)), w[:1].contiguous(), offsets[[0, -1]] * 8
+    )
+    stale.fill_(float("nan"))  # 1 MiB: the same pool block size as dw
+    del stale
+    assert ops.cpu_pool_cached_bytes() > 0
+    _, dw = ops.grouped_mm_bwd(dy, x, w, offsets, False, True)
+    assert ops.cpu_pool_cached_bytes() == 0  # dw took the poisoned block
+    want = R.grouped_mm_reference(x, w.requires_grad_(), offsets)
+    (want_dw,) = torch.autograd.grad(want, w, dy)
+    torch.testing.assert_close(dw, want_dw)
+
+
 # ---- the fused expert MLP --------------------------------------------------------------------
 
 
