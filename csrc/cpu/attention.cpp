@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <immintrin.h>
 #include <vector>
 
@@ -129,6 +130,13 @@ void pack_keys(const at::Tensor& src, const AttnShape& sh, float* transposed, in
         std::fill(transposed + (h * dp + dd) * ld + total, transposed + (h * dp + dd + 1) * ld, 0.0f);
 }
 
+// Packing buffers are allocated uninitialized (tens of MB that a zero fill would touch
+// once more for nothing): packers write every element a kernel reads.
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[size_t(n)]);
+}
+
 // Outputs are allocated uninitialized and every row inside a sequence is written by a
 // kernel; rows past the last sequence (cu_seqlens may stop short of the tensor) are
 // set here.
@@ -171,9 +179,12 @@ void pack_keys_bf16(const at::Tensor& k, const AttnShape& sh, const SeqTable& se
   at::parallel_for(0, hkv * panels, 1, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t h = t / panels, p = t % panels;
-      if (n_keys[p] == 0) continue;  // keys past the end of a panel stay 0 (zero-initialized)
-      avx512::pack_pairs_over_d(src + first_key[p] * hkv * d + h * d, hkv * d, n_keys[p], d, dp,
-                                ktp + (h * panels + p) * kAttnBlockK * dp, kAttnBlockK);
+      uint16_t* panel = ktp + (h * panels + p) * kAttnBlockK * dp;
+      const int64_t nk = n_keys[p];
+      if (nk > 0) avx512::pack_pairs_over_d(src + first_key[p] * hkv * d + h * d, hkv * d, nk, d, dp, panel, kAttnBlockK);
+      if (nk < kAttnBlockK)  // keys past the end of a panel are 0
+        for (int64_t d2 = 0; d2 < dp / 2; ++d2)
+          std::memset(panel + (d2 * kAttnBlockK + nk) * 2, 0, size_t(kAttnBlockK - nk) * 4);
     }
   });
 }
@@ -204,10 +215,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_bf16(const at::Tensor& q, const
     panels += (seqs.k_len[b] + kAttnBlockK - 1) / kAttnBlockK;
   }
   const int64_t npairs = slots / 2 + 1;
-  std::vector<uint16_t> ktp(size_t(sh.hkv * (panels + 1) * kAttnBlockK * dp));  // zero-initialized: padding is 0
-  std::vector<uint16_t> vpi(size_t(sh.hkv * npairs * dp * 2));
-  pack_keys_bf16(k, sh, seqs, panel_start, panels + 1, ktp.data());
-  pack_values_bf16(v, sh, seqs, pair_start, npairs, vpi.data());
+  auto ktp_buf = uninitialized<uint16_t>(sh.hkv * (panels + 1) * kAttnBlockK * dp);
+  auto vpi_buf = uninitialized<uint16_t>(sh.hkv * npairs * dp * 2);
+  uint16_t* ktp = ktp_buf.get();
+  uint16_t* vpi = vpi_buf.get();
+  pack_keys_bf16(k, sh, seqs, panel_start, panels + 1, ktp);
+  pack_values_bf16(v, sh, seqs, pair_start, npairs, vpi);
+  for (int64_t h = 0; h < sh.hkv; ++h)  // the spare pair after the last sequence
+    std::memset(vpi + (h * npairs + npairs - 1) * dp * 2, 0, size_t(dp) * 4);
   std::vector<int64_t> units;
   for (int64_t b = 0; b < seqs.count(); ++b)
     for (int64_t h = 0; h < sh.hq; ++h)
@@ -225,8 +240,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_bf16(const at::Tensor& q, const
       const int64_t tok = seqs.q_start[b] + i0;
       avx512::attn_fwd_block_bf16(sh, qp + tok * qs + h * sh.d, qs, op + tok * qs + h * sh.d, qs,
                                   lp + tok * sh.hq + h, sh.hq, rows, i0, seqs.q_len[b],
-                                  ktp.data() + (kvh * (panels + 1) + panel_start[b]) * kAttnBlockK * dp,
-                                  vpi.data() + (kvh * npairs + pair_start[b] / 2) * dp * 2,
+                                  ktp + (kvh * (panels + 1) + panel_start[b]) * kAttnBlockK * dp,
+                                  vpi + (kvh * npairs + pair_start[b] / 2) * dp * 2,
                                   seqs.k_len[b], work.data());
     }
   });
@@ -280,7 +295,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   if (q.size(0) == 0 || seqs.count() == 0) return {out, lse};
   if (use_bf16_dot(q.scalar_type())) return attention_fwd_bf16(q, k, v, sh, seqs, out, lse);
   const int64_t ld = total_k + kAttnBlockK;
-  std::vector<float> kt(size_t(sh.hkv * dp * ld)), vp(size_t(sh.hkv * total_k * dp));
+  auto kt_buf = uninitialized<float>(sh.hkv * dp * ld), vp_buf = uninitialized<float>(sh.hkv * total_k * dp);
+  float* kt = kt_buf.get();
+  float* vp = vp_buf.get();
   // work units: (sequence, head, query block)
   std::vector<int64_t> units;  // triples
   for (int64_t b = 0; b < seqs.count(); ++b)
@@ -289,8 +306,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   const int64_t n_units = int64_t(units.size() / 3);
   const int64_t qs = sh.hq * sh.d;
   dispatch_float_types(q.scalar_type(), "attention_fwd", [&]<typename T>() {
-    pack_keys<T>(k, sh, kt.data(), ld, nullptr);
-    pack_keys<T>(v, sh, nullptr, 0, vp.data());
+    pack_keys<T>(k, sh, kt, ld, nullptr);
+    pack_keys<T>(v, sh, nullptr, 0, vp);
     auto kernel = MG_ISA_CALL(attn_fwd_block<T>);
     const T* qp = ptr<const T>(q);
     T* op = ptr<T>(out);
@@ -303,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
         const int64_t rows = std::min<int64_t>(kAttnBlockQ, seqs.q_len[b] - i0);
         const int64_t tok = seqs.q_start[b] + i0;
         kernel(sh, qp + tok * qs + h * sh.d, qs, op + tok * qs + h * sh.d, qs, lp + tok * sh.hq + h, sh.hq,
-               rows, i0, seqs.q_len[b], kt.data() + kvh * dp * ld + seqs.k_start[b], ld,
-               vp.data() + (kvh * total_k + seqs.k_start[b]) * dp, seqs.k_len[b], work.data());
+               rows, i0, seqs.q_len[b], kt + kvh * dp * ld + seqs.k_start[b], ld,
+               vp + (kvh * total_k + seqs.k_start[b]) * dp, seqs.k_len[b], work.data());
       }
     });
   });
@@ -339,15 +356,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     return {dq, dk, dv};
   }
   const int64_t ld = total_k + kAttnBlockK;
-  std::vector<float> kt(size_t(sh.hkv * dp * ld)), vt(size_t(sh.hkv * dp * ld)),
-      kp(size_t(sh.hkv * total_k * dp));
+  auto kt_buf = uninitialized<float>(sh.hkv * dp * ld), vt_buf = uninitialized<float>(sh.hkv * dp * ld),
+       kp_buf = uninitialized<float>(sh.hkv * total_k * dp);
+  float *kt = kt_buf.get(), *vt = vt_buf.get(), *kp = kp_buf.get();
   const int64_t qs = sh.hq * sh.d, ks = sh.hkv * sh.d;
   const int64_t nq = group * seqs.max_q;
   const int64_t work_floats =
       3 * nq * dp + 2 * nq + 2 * kAttnBlockK * dp + 2 * kAttnBlockQ * kAttnBlockK + dp;
   dispatch_float_types(q.scalar_type(), "attention_bwd", [&]<typename T>() {
-    pack_keys<T>(k, sh, kt.data(), ld, kp.data());
-    pack_keys<T>(v, sh, vt.data(), ld, nullptr);
+    pack_keys<T>(k, sh, kt, ld, kp);
+    pack_keys<T>(v, sh, vt, ld, nullptr);
     auto kernel = MG_ISA_CALL(attn_bwd_kv_head<T>);
     const T *qp = ptr<const T>(q), *op = ptr<const T>(out), *dop = ptr<const T>(dout);
     const float* lp = ptr<const float>(lse);
@@ -361,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         const int64_t col = kvh * dp * ld + seqs.k_start[b];
         kernel(sh, group, seqs.q_len[b], seqs.k_len[b], qp + qo, op + qo, dop + qo,
                lp + seqs.q_start[b] * sh.hq + kvh * group, qs, sh.hq, dqp + qo, dkp + ko, dvp + ko, ks,
-               kt.data() + col, vt.data() + col, ld, kp.data() + (kvh * total_k + seqs.k_start[b]) * dp,
+               kt + col, vt + col, ld, kp + (kvh * total_k + seqs.k_start[b]) * dp,
                work.data());
       }
     });

@@ -755,10 +755,10 @@ MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int6
   uint16_t* Qb = reinterpret_cast<uint16_t*>(l + kAttnBlockQ);  // [rows][dp]
   uint16_t* Pb = Qb + kAttnBlockQ * dp;                            // [rows][64]
   for (int64_t i = 0; i < rows; ++i) {
-    const uint16_t* src = reinterpret_cast<const uint16_t*>(q + i * q_stride);
-    uint16_t* dst = Qb + i * dp;
-    for (int64_t dd = 0; dd < d; ++dd) dst[dd] = src[dd];
-    for (int64_t dd = d; dd < dp; ++dd) dst[dd] = 0;
+    if (i + 8 < rows) prefetch_row(q + (i + 8) * q_stride, 2 * d);
+    for (int64_t dd = 0; dd < dp; dd += 16)  // zero past d
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(Qb + i * dp + dd),
+                          _mm256_maskz_loadu_epi16(Vec::mask(int(mg_max(0, mg_min(16, d - dd)))), q + i * q_stride + dd));
     m[i] = kNegInf;
     l[i] = 0.0f;
   }
@@ -936,7 +936,29 @@ MG_BF16_TARGET inline void bwd_tile_bf16(const AttnShape& sh, const BwdTileArgs&
       _mm512_storeu_si512(dSv + (j / 2) * 2 * kAttnBlockQ + 2 * c, interleave16(r0, r1));
     }
   }
-  pv_block_bf16(a.dQT, a.q_ld, a.KT, a.k_ld, dp, n, dSv, kAttnBlockQ);
+  if (full) {
+    pv_block_bf16(a.dQT, a.q_ld, a.KT, a.k_ld, dp, n, dSv, kAttnBlockQ);
+    return;
+  }
+  // mask edge: each group of 16 keys adds only to the 16-query stripes that see one of them
+  for (int64_t kg = 0; kg < n; kg += 16) {
+    const int64_t cnt = mg_min(16, n - kg);
+    int64_t lo, hi, lo2, hi2;
+    attn_visible_queries(sh, k0 + kg, shift, q_len, &lo, &hi);
+    attn_visible_queries(sh, k0 + kg + cnt - 1, shift, q_len, &lo2, &hi2);
+    const int64_t cs = floor16(lo - i0), ce = ceil16(hi2 - i0);
+    float* C = a.dQT + cs;
+    const uint16_t* A = a.KT + kg;
+    const uint16_t* B = dSv + kg * kAttnBlockQ + 2 * cs;  // pair kg / 2, query cs
+    const int64_t pairs = (cnt + 1) / 2;
+    switch (ce > cs ? (ce - cs) / 16 : 0) {
+      case 4: pv_rows_bf16<4>(C, a.q_ld, A, a.k_ld, dp, pairs, B, 2 * kAttnBlockQ); break;
+      case 3: pv_rows_bf16<3>(C, a.q_ld, A, a.k_ld, dp, pairs, B, 2 * kAttnBlockQ); break;
+      case 2: pv_rows_bf16<2>(C, a.q_ld, A, a.k_ld, dp, pairs, B, 2 * kAttnBlockQ); break;
+      case 1: pv_rows_bf16<1>(C, a.q_ld, A, a.k_ld, dp, pairs, B, 2 * kAttnBlockQ); break;
+      default: break;  // no query of the block sees these keys
+    }
+  }
 }
 
 // uint16 elements of workspace attn_bwd_kv_head_bf16 needs beyond its floats (see below).
