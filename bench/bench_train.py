@@ -5,8 +5,9 @@ fixed (batch, seq_len) batch, in float32 or under bf16 autocast (``precision``:
 every model in the same dtype). Competitors, same shapes and parameter count:
 
 * ``eager``: a nanoGPT-style Llama block written with stock PyTorch modules
-  (``nn.RMSNorm``, ``F.scaled_dot_product_attention``, ``F.silu``, ``F.cross_entropy``)
-  -- what a learner would write without fused kernels;
+  (``nn.RMSNorm``, one fused q/k/v linear like nanoGPT's ``c_attn`` and one fused
+  gate/up linear, ``F.scaled_dot_product_attention``, ``F.silu``,
+  ``F.cross_entropy``) -- what a learner would write without fused kernels;
 * ``compiled``: that eager model under ``torch.compile``.
 
 ``extra_info`` records tokens/s of every model and a ``torch.profiler`` table of
@@ -40,13 +41,11 @@ class EagerBlock(nn.Module):
         super().__init__()
         self.n_head = n_head
         self.attn_norm = nn.RMSNorm(d, eps=eps)
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, d, bias=False)
-        self.v = nn.Linear(d, d, bias=False)
+        # one matrix product for q, k, v (nanoGPT's c_attn) and one for gate, up
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
         self.mlp_norm = nn.RMSNorm(d, eps=eps)
-        self.gate = nn.Linear(d, hidden, bias=False)
-        self.up = nn.Linear(d, hidden, bias=False)
+        self.gate_up = nn.Linear(d, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -56,12 +55,13 @@ class EagerBlock(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
 
-        q, k, v = heads(self.q(h)), heads(self.k(h)), heads(self.v(h))
+        q, k, v = map(heads, self.qkv(h).split(C, dim=-1))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.o(y.transpose(1, 2).reshape(B, T, C))
         h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
