@@ -127,6 +127,38 @@ def test_add_rms_norm_bad_input():
         add_rms_norm(torch.randn(4, 8), torch.randn(4, 8).half(), torch.randn(8))
 
 
+_SOFTWARE_BF16_SCRIPT = """
+import sys, torch
+from minigpt.kernels import add_rms_norm
+g = torch.Generator().manual_seed(0)
+x, r = (torch.randn(5, 77, generator=g).bfloat16().requires_grad_() for _ in range(2))
+w = torch.randn(77, generator=g).requires_grad_()
+y, h = add_rms_norm(x, r, w, backend="cpp")
+dy, dh = torch.randn(5, 77, generator=g).bfloat16(), torch.randn(5, 77, generator=g).bfloat16()
+torch.save([y, h, *torch.autograd.grad((y, h), (x, r, w), (dy, dh))], sys.argv[1])
+"""
+
+
+def test_native_and_software_bfloat16_stores_agree(tmp_path):
+    # On CPUs with AVX512-BF16 the AVX-512 kernels convert to bfloat16 natively;
+    # MINIGPT_NATIVE_BF16=0 (read once per process, hence the subprocess) selects
+    # the software rounding. Both round to nearest even: the results are identical.
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for native in ("1", "0"):
+        path = tmp_path / f"native{native}.pt"
+        env = {**os.environ, "MINIGPT_NATIVE_BF16": native}
+        subprocess.run(
+            [sys.executable, "-c", _SOFTWARE_BF16_SCRIPT, str(path)], env=env, check=True
+        )
+        outs.append(torch.load(path))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_torch_compile_traces_cpp_op():
     w = random_tensor((96,))
     f = torch.compile(lambda x: rms_norm(x, w, backend="cpp"), fullgraph=True)

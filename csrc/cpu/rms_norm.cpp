@@ -15,8 +15,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <immintrin.h>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"
@@ -28,6 +30,17 @@
 
 namespace minigpt::cpu {
 namespace {
+
+// bfloat16 outputs converted by the CPU's own instruction (the kNativeBF16 kernels):
+// only when the AVX-512 kernels are active and the CPU has AVX512-BF16.
+// MINIGPT_NATIVE_BF16=0 turns it off (to compare, and to test the other path).
+bool native_bf16() {
+  static const bool allowed = [] {
+    const char* env = std::getenv("MINIGPT_NATIVE_BF16");
+    return !(env && env[0] == '0') && cpu_has_avx512_bf16();
+  }();
+  return allowed && active_isa() == Isa::AVX512;
+}
 
 void check_args(const at::Tensor& x, const at::Tensor& weight, const char* op) {
   check_cpu_contiguous(x, "x");
@@ -65,6 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x,
   dispatch_float_types(x.scalar_type(), "rms_norm_fwd", [&]<typename T>() {
     auto run = [&]<typename W>() {
       auto kernel = MG_ISA_CALL(rms_norm_fwd_rows<T, W>);
+      if (std::is_same_v<T, BF16> && native_bf16())
+        kernel = MG_ISA_CALL(rms_norm_fwd_rows<T, W, true>);
       const T* xp = ptr<const T>(x);
       const T* rp = has_res ? ptr<const T>(*residual) : nullptr;
       T* yp = ptr<T>(y);
@@ -113,6 +128,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::
     dispatch_float_types(h.scalar_type(), "rms_norm_bwd", [&]<typename T>() {
       auto run = [&]<typename W>() {
         auto kernel = MG_ISA_CALL(rms_norm_bwd_rows<T, W>);
+        if (std::is_same_v<T, BF16> && native_bf16())
+          kernel = MG_ISA_CALL(rms_norm_bwd_rows<T, W, true>);
         const T* dyp = ptr<const T>(dy);
         const T* hp = ptr<const T>(h);
         const T* ep = has_extra ? ptr<const T>(*dh_extra) : nullptr;

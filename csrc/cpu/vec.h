@@ -93,6 +93,23 @@ inline void stream_store(F16* p, Vec v) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.r, _MM_FROUND_TO_NEAREST_INT));
 }
 inline void stream_fence() { _mm_sfence(); }
+// float32 -> bfloat16 stores with AVX512-BF16's vcvtneps2bf16: one instruction
+// instead of the eight of to_bf16_bits (same round to nearest even; float32
+// denormals, below 1e-38, flush to zero). Written as inline asm so that kernels
+// compiled for plain AVX-512 can contain it: run such code only when the CPU has
+// AVX512-BF16 (cpu_has_avx512_bf16() in isa.h), e.g. through a kernel template
+// parameter chosen at run time. The AVX2 and scalar versions are plain stores.
+inline __m256i to_bf16_bits_native(Vec v) {
+  __m256i out;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(out) : "v"(v.r));
+  return out;
+}
+inline void store_bf16_native(BF16* p, Vec v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_bits_native(v));
+}
+inline void store_partial_bf16_native(BF16* p, Vec v, int n) {
+  _mm256_mask_storeu_epi16(p, Vec::mask(n), to_bf16_bits_native(v));
+}
 
 #elif defined(MG_ISA_AVX2)
 
@@ -185,6 +202,9 @@ inline void stream_store(F16* p, Vec v) {
   _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v.r, _MM_FROUND_TO_NEAREST_INT));
 }
 inline void stream_fence() { _mm_sfence(); }
+// (the AVX-512 branch has the native bfloat16 conversion; here: plain stores)
+inline void store_bf16_native(BF16* p, Vec v) { v.store(p); }
+inline void store_partial_bf16_native(BF16* p, Vec v, int n) { v.store_partial(p, n); }
 
 #elif defined(MG_ISA_SCALAR)
 
@@ -221,6 +241,9 @@ inline Vec select_lt(Vec a, Vec b, Vec if_true, Vec if_false) { return a.r < b.r
 template <typename T>
 inline void stream_store(T* p, Vec v) { v.store(p); }
 inline void stream_fence() {}
+// (the AVX-512 branch has the native bfloat16 conversion; here: plain stores)
+inline void store_bf16_native(BF16* p, Vec v) { v.store(p); }
+inline void store_partial_bf16_native(BF16* p, Vec v, int n) { v.store_partial(p, n); }
 
 #else
 #error "vec.h: define one of MG_ISA_AVX512, MG_ISA_AVX2, MG_ISA_SCALAR"
