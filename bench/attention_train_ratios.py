@@ -101,10 +101,14 @@ def main() -> int:
         print(f"{name}: torch.mm {mm:.0f} GFLOP/s")
         for shape in [s for s in TRAIN_SHAPES if args.seq in (None, s[1])]:
             r = measure(shape, dtype, args.rounds, clock)
-            naive = f"{r['x_naive']:.2f}x naive" if "x_naive" in r else "(naive skipped)"
+            naive = (
+                f"{r['x_naive']:.2f}x naive ({r['naive'] * 1e3:.0f} ms)"
+                if "x_naive" in r
+                else "(naive skipped)"
+            )
             print(
                 f"  B{shape[0]} T{shape[1]} H{shape[2]} D{shape[3]}: ours {r['ours'] * 1e3:7.1f} ms"
-                f"  {naive}  {r['x_sdpa']:.2f}x sdpa"
+                f"  {naive}  {r['x_sdpa']:.2f}x sdpa ({r['sdpa'] * 1e3:.0f} ms)"
                 f"  {r['GFLOP/s']:.0f} GFLOP/s ({r['GFLOP/s'] / mm:.0%} of mm)",
                 flush=True,
             )

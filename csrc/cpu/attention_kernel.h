@@ -164,6 +164,16 @@ inline void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o);
 }
 
+// The same for output rows about to be written (fresh memory: the write would otherwise
+// wait for each line); `rows` rows of `bytes` bytes, `stride` elements apart.
+template <typename T>
+inline void prefetch_rows_for_write(T* p, int64_t rows, int64_t stride, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r) {
+    char* c = reinterpret_cast<char*>(p + r * stride);
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1);
+  }
+}
+
 // dst[j * dp + dd] = scale * src[j * stride + dd] as float32, zero for d <= dd < dp.
 template <typename T>
 void attn_pack_rows(const T* src, int64_t stride, int64_t n, int64_t d, int64_t dp, float scale,
@@ -331,6 +341,7 @@ void attn_fwd_block(const AttnShape& sh, const T* q, int64_t q_stride, T* out, i
   float* m = S + kAttnBlockQ * kAttnBlockK;
   float* l = m + kAttnBlockQ;
   attn_pack_rows(q, q_stride, rows, sh.d, dp, sh.scale, Q);
+  prefetch_rows_for_write(out, rows, o_stride, sh.d * int64_t(sizeof(T)));
   for (int64_t i = 0; i < rows * dp; ++i) O[i] = 0.0f;
   for (int64_t i = 0; i < rows; ++i) {
     m[i] = kNegInf;
@@ -418,6 +429,8 @@ void attn_bwd_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int64_t
   const int64_t shift = k_len - q_len;
   for (int64_t k0 = 0; k0 < k_len; k0 += kAttnBlockK) {
     const int64_t n = mg_min(kAttnBlockK, k_len - k0);
+    prefetch_rows_for_write(dk + k0 * k_stride, n, k_stride, d * int64_t(sizeof(T)));
+    prefetch_rows_for_write(dv + k0 * k_stride, n, k_stride, d * int64_t(sizeof(T)));
     for (int64_t i = 0; i < kAttnBlockK * dp; ++i) dK[i] = dV[i] = 0.0f;
     for (int64_t i0 = 0; i0 < q_len; i0 += kAttnBlockQ) {
       const int64_t rows = mg_min(kAttnBlockQ, q_len - i0);
@@ -478,9 +491,11 @@ void attn_bwd_kv_head(const AttnShape& sh, int64_t group, int64_t q_len, int64_t
   }
   // dQ = scale * (dS @ K); finish_row multiplies by 1 / l, so pass l = 1 / scale.
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < q_len; ++i)
+    for (int64_t i = 0; i < q_len; ++i) {
+      if (i + 8 < q_len) prefetch_rows_for_write(dq + g * d + (i + 8) * q_stride, 1, 0, d * int64_t(sizeof(T)));
       finish_row<T>(dQ + (g * q_len + i) * dp, 0.0f, 1.0f / sh.scale, d, dq + g * d + i * q_stride,
                     nullptr);
+    }
 }
 
 // ---- decode: one (sequence, kv head) against its cache ----------------------------------
@@ -762,6 +777,7 @@ MG_BF16_TARGET void attn_fwd_block_bf16(const AttnShape& sh, const BF16* q, int6
     m[i] = kNegInf;
     l[i] = 0.0f;
   }
+  prefetch_rows_for_write(out, rows, o_stride, 2 * d);
   for (int64_t i = 0; i < rows * dp; ++i) O[i] = 0.0f;
   const int64_t shift = k_len - q_len;
   int64_t lo_first, hi_first, lo_last, hi_last;
@@ -1066,6 +1082,8 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
     attn_visible_queries(sh, k0, shift, q_len, &lo_first, &hi_first);
     attn_visible_queries(sh, k0 + n - 1, shift, q_len, &lo_last, &hi_last);
     const int64_t i_end = lo_first >= hi_last ? 0 : hi_last;  // 0: no query sees this block, dk = dv = 0
+    prefetch_rows_for_write(dk + k0 * k_stride, n, k_stride, 2 * d);
+    prefetch_rows_for_write(dv + k0 * k_stride, n, k_stride, 2 * d);
     for (int64_t i = 0; i < n * dp; ++i) dK[i] = dV[i] = 0.0f;
     for (int64_t i0 = lo_first / kAttnBlockQ * kAttnBlockQ; i0 < i_end; i0 += kAttnBlockQ) {
       const int64_t rows_i = mg_min(kAttnBlockQ, q_len - i0);
@@ -1090,6 +1108,7 @@ MG_BF16_TARGET void attn_bwd_kv_head_bf16(const AttnShape& sh, int64_t group, in
   for (int64_t g = 0; g < group; ++g)
     for (int64_t i0 = 0; i0 < q_len; i0 += 16) {
       const int64_t m = mg_min(16, q_len - i0);
+      prefetch_rows_for_write(dq + g * d + (i0 + 16) * q_stride, mg_min(16, q_len - i0 - 16), q_stride, 2 * d);
       for (int64_t c0 = 0; c0 < dp; c0 += 16) {  // 16 x 16 transposes (i0 + 16 <= q_ld)
         __m512 r[16];
 #pragma GCC unroll 16
