@@ -74,7 +74,7 @@ def test_swiglu_halves_of_fused_projection(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_streaming_stores_on_huge_outputs(dtype):
-    # outputs >= 16 MiB are written with non-temporal stores; an odd length makes the
+    # outputs >= 8 MiB each are written with non-temporal stores; an odd length makes the
     # per-thread spans start unaligned, which exercises the alignment peeling
     n = (16 << 20) // torch.finfo(dtype).bits * 8 + 5
     g, u = random_tensor((n,), dtype, scale=2.0), random_tensor((n,), dtype)
