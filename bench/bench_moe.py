@@ -187,14 +187,19 @@ def test_moe_peak_memory(benchmark):
 # ---- `python bench/bench_moe.py`: the issue's figures as one table -----------------------
 
 
-def _interleaved_ms(fns: dict, rounds: int, loop_rounds: int) -> dict[str, float]:
-    """Median wall ms of each callable, timed in interleaved rounds (one warm-up each).
+def _interleaved_ms(
+    fns: dict, rounds: int, loop_rounds: int, cpu_time: bool = False
+) -> dict[str, float]:
+    """Median ms of each callable, timed in interleaved rounds (one warm-up each).
 
     Every round runs each callable once, so load changes hit all of them alike. The
-    eager loop is slow (seconds at E=64 in fp32), so it runs only ``loop_rounds``."""
+    eager loop is slow (seconds at E=64 in fp32), so it runs only ``loop_rounds``.
+    Wall-clock time, or with ``cpu_time`` the process CPU time (all threads; less
+    sensitive to other processes on a shared machine)."""
     import statistics
     import time
 
+    clock = time.process_time if cpu_time else time.perf_counter
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -202,9 +207,9 @@ def _interleaved_ms(fns: dict, rounds: int, loop_rounds: int) -> dict[str, float
         for name, fn in fns.items():
             if name == "loop" and r >= loop_rounds:
                 continue
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
@@ -227,12 +232,16 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--cpu-time", action="store_true", help="time process CPU (for a loaded machine)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     print(
         f"MoE MLP fwd+bwd, 4096 tokens, d={D}, ffn={FFN}, top-{K}, {args.threads} threads; "
-        "wall-clock medians of interleaved rounds; peak = resident MiB one step adds"
+        f"{'CPU-time' if args.cpu_time else 'wall-clock'} medians of interleaved rounds; "
+        "peak = resident MiB one step in the row's dtype adds (fresh process)"
     )
     print(
         "| E | dtype | ours ms | dense ms | loop ms | ours/dense (<= 1.15) "
@@ -245,6 +254,7 @@ def main() -> None:
                 _step_callables(make_problem(4096, n_experts, dtypes[name])),
                 args.rounds,
                 args.loop_rounds,
+                args.cpu_time,
             )
             mem = ("-", "-")
             if not args.no_memory:
