@@ -62,6 +62,7 @@ def main() -> int:
         "mse": (Int4WeightOnly(64), "mse"),
         "gptq": (Int4WeightOnly(64), "gptq"),
         "nf4": (NF4(64), "rtn"),
+        "nf4-gptq": (NF4(64), "gptq"),
     }
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", nargs="+", choices=list(cases), default=list(cases))
@@ -80,7 +81,7 @@ def main() -> int:
     for name in args.methods:
         config, method = cases[name]
         t0 = time.process_time()
-        cal = calibration if name in ("mse", "gptq") else None
+        cal = calibration if name in ("mse", "gptq", "nf4-gptq") else None
         q = quantize_(copy.deepcopy(model), config, method=method, calibration=cal)
         cpu = time.process_time() - t0
         ppl = _ppl(q, ids)

@@ -11,6 +11,11 @@ the output head (``lm_head``), which is the most sensitive to rounding and, in
 models with tied embeddings, shares its weight with the token embedding; pass
 ``include_lm_head=True`` or your own ``filter_fn`` to choose. Works on any
 ``nn.Module`` (our GPT, a Hugging Face model, a plain MLP).
+
+How the 4-bit codes are chosen: ``method="rtn"`` (round to nearest, the
+default), ``"mse"`` (searched group scales/zeros, activation-weighted when
+``calibration=`` inputs are given) or ``"gptq"`` (error-correcting, needs
+``calibration``; the most accurate). See docs/quantization.md.
 """
 
 from minigpt.quant.api import (
