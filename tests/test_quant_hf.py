@@ -83,8 +83,8 @@ def test_quantize_hf_llama_filter():
 # The goal for int4 g64 is +10 %: plain round-to-nearest int4 does NOT
 # reach it on this 135M model (weights re-quantized from an existing 4-bit grid;
 # small models are the most sensitive). The limit below guards the measured
-# value against regressions; closing the gap needs a better quantizer
-# (error-minimizing scales, activation-aware methods).
+# round-to-nearest value against regressions; GPTQ with searched group
+# parameters reaches the goal (test_smollm2_perplexity_gptq_int4).
 PPL_LIMITS = {"int8": 0.01, "int4": 0.30, "nf4": 0.32}
 
 
@@ -132,14 +132,15 @@ def test_smollm2_perplexity_before_after():
         assert results[name] < limit, f"{name}: {100 * results[name]:+.2f} %"
 
 
-# GPTQ int4 g64, calibrated on a different slice of Austen (characters 100k-195k;
-# the evaluation text starts at 200k). Measured: +23.9 % with 2,048 calibration
-# tokens (damp 0.01), +24.4 % with 16,384 tokens (damp 0.1); round-to-nearest
-# gives +23.9 %. GPTQ lowers each layer's output error (0.2-0.8x RTN on held-out
-# text) but NOT the perplexity of this model (calibrating on the evaluation
-# text itself, an oracle, gives +15.0 %), so the 10 % goal is still not
-# met. The limit guards the measured value, as PPL_LIMITS["int4"] does.
-GPTQ_PPL_LIMIT = 0.30
+# GPTQ int4 g64, calibrated on a different slice of Austen (2,048 tokens from
+# characters 100k-195k; the evaluation text starts at 200k). Each group's scale
+# and zero point are searched for the lowest error weighted by E[x_j^2] of its
+# input channels (minigpt/quant/search.py), then GPTQ corrects the rounding
+# error column by column. Measured: +8.9 % (the goal is +10 %);
+# round-to-nearest +23.9 %, the activation-weighted search alone
+# (method="mse") +13.2 %, GPTQ with min/max group parameters +23.9 %. The
+# whole table: tools/smollm2_quant_ppl.py and docs/quantization.md.
+GPTQ_PPL_LIMIT = 0.10
 
 
 def _calibration_batches(n_tokens: int = 2048, seq: int = 256, batch: int = 4):
@@ -159,7 +160,12 @@ def _calibration_batches(n_tokens: int = 2048, seq: int = 256, batch: int = 4):
 def test_smollm2_perplexity_gptq_int4():
     model, ids, n_seq, seq = _smollm2_and_tokens()
     base = _ppl(model, ids, n_seq, seq)
-    quantize_(model, Int4WeightOnly(64), calibration=_calibration_batches())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # GPTQ runs many small column ops: threads only add hand-off cost
+    try:
+        quantize_(model, Int4WeightOnly(64), method="gptq", calibration=_calibration_batches())
+    finally:
+        torch.set_num_threads(threads)
     change = _ppl(model, ids, n_seq, seq) / base - 1
     print(f"SmolLM2-135M int4 g64 GPTQ: ppl {base:.3f} -> {base * (1 + change):.3f} "
           f"({100 * change:+.2f} %)")  # fmt: skip
